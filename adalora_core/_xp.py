@@ -1,0 +1,90 @@
+"""The one module that talks to array-api-compat (and, through it, to NumPy).
+
+Everything else in the core gets its namespace from here: ``xp = namespace(x, a)``.
+Keeping the compat layer behind one door means a new array library, or a new
+compat release, touches a single file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import numpy as _np
+from array_api_compat import array_namespace, device, is_array_api_obj, to_device
+
+Array = Any  # any Array API array; the standard defines no nominal type
+
+__all__ = [
+    "Array",
+    "array_namespace",
+    "device",
+    "is_array_api_obj",
+    "namespace",
+    "to_device",
+    "to_numpy",
+    "from_numpy",
+    "is_floating",
+    "library_name",
+]
+
+
+def namespace(*arrays: Array) -> Any:
+    """The Array API namespace shared by ``arrays`` (None entries are ignored).
+
+    Raises a TypeError that names the offending types when arrays from
+    different libraries are mixed.
+    """
+    present = [a for a in arrays if a is not None]
+    try:
+        return array_namespace(*present)
+    except TypeError as exc:
+        kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in present})
+        raise TypeError(f"arrays from different array libraries cannot be mixed: {kinds}") from exc
+
+
+def library_name(xp: Any) -> str:
+    """Short name of the library behind ``xp``: numpy, torch, cupy, array_api_strict, ..."""
+    if array_api_compat.is_numpy_namespace(xp):
+        return "numpy"
+    if array_api_compat.is_torch_namespace(xp):
+        return "torch"
+    if array_api_compat.is_cupy_namespace(xp):
+        return "cupy"
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        return "array_api_strict"
+    return getattr(xp, "__name__", repr(xp))
+
+
+def is_floating(xp: Any, dtype: Any) -> bool:
+    return bool(xp.isdtype(dtype, "real floating"))
+
+
+def to_numpy(x: Array) -> Any:
+    """A host NumPy copy (or view) of ``x``, whatever library it lives in."""
+    if isinstance(x, _np.ndarray):
+        return x
+    if array_api_compat.is_torch_array(x):
+        t = x.detach()
+        if str(t.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            t = t.float()
+        return t.cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    return _np.asarray(x)
+
+
+def from_numpy(a: Any, like: Any) -> Array:
+    """``a`` (a NumPy array) as an array of namespace ``like`` on ``like``'s device.
+
+    ``like`` is an array or a Backend; a Backend knows its own conversion.
+    """
+    if hasattr(like, "asarray") and hasattr(like, "xp"):
+        return like.asarray(a)
+    xp = namespace(like)
+    return xp.asarray(a, device=device(like))
+
+
+def as_numpy_namespace() -> Any:
+    """NumPy through the compat layer, for conformance and checkpoint code."""
+    return array_namespace(_np.empty(0))

@@ -1,0 +1,63 @@
+"""PyTorch tensors (CPU or CUDA). Imported only when a torch backend is asked for."""
+
+from __future__ import annotations
+
+import torch
+from array_api_compat import torch as xp_torch
+
+from .base import Backend
+
+
+class TorchRng:
+    """torch's own generator, so that draws match ``torch.randn``/``normal_`` bit for bit.
+
+    ``seed=None`` uses torch's default generator for the device: that is what
+    PEFT draws from, so a model initialised through this backend matches PEFT's.
+    """
+
+    def __init__(self, seed: int | None, device: torch.device) -> None:
+        self.device = device
+        if seed is None:
+            self.gen = None
+        else:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(seed)
+
+    def _dtype(self, dtype):
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    def normal(self, shape, mean=0.0, std=1.0, dtype="float32"):
+        return torch.empty(shape, dtype=self._dtype(dtype), device=self.device).normal_(mean, std, generator=self.gen)
+
+    def uniform(self, shape, low=0.0, high=1.0, dtype="float32"):
+        return torch.empty(shape, dtype=self._dtype(dtype), device=self.device).uniform_(low, high, generator=self.gen)
+
+    def bernoulli(self, shape, p, dtype="float32"):
+        return torch.empty(shape, dtype=self._dtype(dtype), device=self.device).bernoulli_(p, generator=self.gen)
+
+
+class TorchBackend(Backend):
+    def __init__(self, device: object = None) -> None:
+        dev = torch.device("cpu" if device is None else device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"torch device {str(dev)!r} requested but CUDA is not available")
+        super().__init__(name="torch", xp=xp_torch, device=dev)
+
+    def asarray(self, obj, dtype=None):
+        return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=self.device)
+
+    def zeros(self, shape, dtype="float32"):
+        return torch.zeros(shape, dtype=self.dtype(dtype), device=self.device)
+
+    def to_numpy(self, x):
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.cpu().numpy()
+
+    def rng(self, seed=None):
+        return TorchRng(seed, self.device)
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
