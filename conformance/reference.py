@@ -25,40 +25,40 @@ Optimisers (for orchestration checks):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
-    # AdaLoRA
-    "triplet_forward",
-    "triplet_backward",
-    "delta_weight",
-    "merge",
-    "unmerge",
-    "orth_reg",
-    "orth_reg_grad",
-    "budget_schedule",
-    "ema_update",
-    "triplet_scores",
-    "kth_threshold",
     "ReferenceAllocator",
-    # MicroLoRA / EWC++
-    "lora_forward",
-    "lora_accumulate",
-    "lora_apply",
-    "ewc_fisher_ema",
-    "ewc_fisher_window",
-    "minmax_normalise",
-    "ewc_penalty",
-    "ewc_penalty_grad",
-    "ewc_apply_explicit",
-    "ewc_apply_proximal",
-    "golden_init",
-    "batched_forward",
     # optimisers
     "adam_step",
+    "batched_forward",
+    "budget_schedule",
+    "delta_weight",
+    "ema_update",
+    "ewc_apply_explicit",
+    "ewc_apply_proximal",
+    "ewc_fisher_ema",
+    "ewc_fisher_window",
+    "ewc_penalty",
+    "ewc_penalty_grad",
+    "golden_init",
+    "kth_threshold",
+    "lora_accumulate",
+    "lora_apply",
+    # MicroLoRA / EWC++
+    "lora_forward",
+    "merge",
+    "minmax_normalise",
+    "orth_reg",
+    "orth_reg_grad",
     "sgd_step",
+    "triplet_backward",
+    # AdaLoRA
+    "triplet_forward",
+    "triplet_scores",
+    "unmerge",
 ]
 
 #: The constant PEFT adds to ``ranknum`` before dividing (``layer.py``).
@@ -173,7 +173,7 @@ def _gram_B(B: np.ndarray) -> np.ndarray:
     return B.T @ B  # (r, r)
 
 
-def orth_reg(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> float:
+def orth_reg(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean over the 2N matrices of ``||A A^T - I||_F`` and ``||B^T B - I||_F``.
 
     Frobenius norm, not squared (PEFT ``AdaLoraModel.forward``:
@@ -194,7 +194,9 @@ def orth_reg(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> float:
     return total / count
 
 
-def orth_reg_grad(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> List[Tuple[np.ndarray, np.ndarray]]:
+def orth_reg_grad(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Gradient of :func:`orth_reg` with respect to every A and B.
 
     With ``D = A A^T - I`` (symmetric) and ``n = ||D||_F``: ``d n / d A = 2 D A / n``.
@@ -203,7 +205,7 @@ def orth_reg_grad(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> List[Tuple[
     (the subgradient torch's norm backward returns at zero).
     """
     n_mats = 2 * len(pairs)
-    out: List[Tuple[np.ndarray, np.ndarray]] = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for A, B in pairs:
         A, B = _f64(A), _f64(B)
         DA = _gram_A(A) - np.eye(A.shape[0])
@@ -221,7 +223,9 @@ def orth_reg_grad(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> List[Tuple[
 # ---------------------------------------------------------------------------
 
 
-def budget_schedule(step, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT) -> Tuple[int, bool]:
+def budget_schedule(
+    step, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT
+) -> tuple[int, bool]:
     """PEFT ``RankAllocator.budget_schedule``: returns ``(budget, mask_ind)``.
 
     - ``step <= tinit``:                ``(init_bgt, False)``
@@ -240,7 +244,7 @@ def budget_schedule(step, init_bgt, target_bgt, tinit, tfinal, total_step, delta
     return budget, bool(mask_ind)
 
 
-def ema_update(m, u, p, g, beta1, beta2) -> Tuple[np.ndarray, np.ndarray]:
+def ema_update(m, u, p, g, beta1, beta2) -> tuple[np.ndarray, np.ndarray]:
     """One step of the sensitivity / uncertainty EMAs (PEFT ``update_ipt``).
 
     ``ipt = |p * g|``; ``m' = beta1*m + (1-beta1)*ipt``;
@@ -337,25 +341,31 @@ class ReferenceAllocator:
         self.deltaT = int(deltaT)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
-        self.names: List[str] = list(ranks.keys())
-        self.ranks: Dict[str, int] = {n: int(ranks[n]) for n in self.names}
+        self.names: list[str] = list(ranks.keys())
+        self.ranks: dict[str, int] = {n: int(ranks[n]) for n in self.names}
         self.init_bgt = int(sum(self.ranks.values()))
         self.target_bgt = self.target_r * len(self.names)
         self.T_f = self.total_step - self.tfinal
-        self.rank_pattern: Optional[Dict[str, List[bool]]] = None
-        self.final_pattern: Optional[Dict[str, List[bool]]] = None
+        self.rank_pattern: dict[str, list[bool]] | None = None
+        self.final_pattern: dict[str, list[bool]] | None = None
         self.finalized = False
         self.skipped_steps = 0
-        self.last_budget: Optional[int] = None
+        self.last_budget: int | None = None
         # EMAs are created lazily from the first params' shapes (zeros).
-        self.exp_avg_ipt: Optional[Dict[str, List[Optional[np.ndarray]]]] = {}
-        self.exp_avg_unc: Optional[Dict[str, List[Optional[np.ndarray]]]] = {}
+        self.exp_avg_ipt: dict[str, list[np.ndarray | None]] | None = {}
+        self.exp_avg_unc: dict[str, list[np.ndarray | None]] | None = {}
 
     # -- helpers ---------------------------------------------------------
 
-    def budget_schedule(self, step: int) -> Tuple[int, bool]:
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
         return budget_schedule(
-            step, self.init_bgt, self.target_bgt, self.tinit, self.tfinal, self.total_step, self.deltaT
+            step,
+            self.init_bgt,
+            self.target_bgt,
+            self.tinit,
+            self.tfinal,
+            self.total_step,
+            self.deltaT,
         )
 
     def _ensure_emas(self, params) -> None:
@@ -363,8 +373,12 @@ class ReferenceAllocator:
         for name in self.names:
             if name not in self.exp_avg_ipt:
                 A, E, B = params[name]
-                self.exp_avg_ipt[name] = [np.zeros(np.shape(t), dtype=np.float64) for t in (A, E, B)]
-                self.exp_avg_unc[name] = [np.zeros(np.shape(t), dtype=np.float64) for t in (A, E, B)]
+                self.exp_avg_ipt[name] = [
+                    np.zeros(np.shape(t), dtype=np.float64) for t in (A, E, B)
+                ]
+                self.exp_avg_unc[name] = [
+                    np.zeros(np.shape(t), dtype=np.float64) for t in (A, E, B)
+                ]
 
     def _update_importance(self, params, grads) -> None:
         """Update every module's EMAs, or none of them if any gradient is non-finite."""
@@ -383,12 +397,18 @@ class ReferenceAllocator:
             for j, (p, g) in enumerate(zip(params[name], gtuple)):
                 if g is None:  # missing gradient of one tensor: skip that tensor
                     continue
-                m, u = ema_update(self.exp_avg_ipt[name][j], self.exp_avg_unc[name][j], p, g,
-                                  self.beta1, self.beta2)
+                m, u = ema_update(
+                    self.exp_avg_ipt[name][j],
+                    self.exp_avg_unc[name][j],
+                    p,
+                    g,
+                    self.beta1,
+                    self.beta2,
+                )
                 self.exp_avg_ipt[name][j] = m
                 self.exp_avg_unc[name][j] = u
 
-    def scores(self) -> Dict[str, np.ndarray]:
+    def scores(self) -> dict[str, np.ndarray]:
         """Current triplet scores ``{name: (r,)}`` from the EMAs."""
         assert self.exp_avg_ipt is not None and self.exp_avg_unc is not None
         out = {}
@@ -397,11 +417,13 @@ class ReferenceAllocator:
             out[name] = triplet_scores(mA * uA, mE * uE, mB * uB)
         return out
 
-    def _mask_to_budget(self, params, budget: int) -> Tuple[Dict[str, np.ndarray], Dict[str, List[bool]]]:
+    def _mask_to_budget(
+        self, params, budget: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, list[bool]]]:
         scores = self.scores()
         threshold = kth_threshold([scores[n] for n in self.names], self.init_bgt - budget)
-        Es: Dict[str, np.ndarray] = {}
-        pattern: Dict[str, List[bool]] = {}
+        Es: dict[str, np.ndarray] = {}
+        pattern: dict[str, list[bool]] = {}
         for name in self.names:
             E = _f64(params[name][1])
             keep = [not (float(s) <= threshold) for s in scores[name]]
@@ -412,7 +434,9 @@ class ReferenceAllocator:
             pattern[f"{name}.lora_E"] = keep
         return Es, pattern
 
-    def _apply_pattern(self, params, pattern: Mapping[str, Sequence[bool]]) -> Dict[str, np.ndarray]:
+    def _apply_pattern(
+        self, params, pattern: Mapping[str, Sequence[bool]]
+    ) -> dict[str, np.ndarray]:
         Es = {}
         for name in self.names:
             E = _f64(params[name][1])
@@ -424,7 +448,7 @@ class ReferenceAllocator:
 
     # -- the training hook -------------------------------------------------
 
-    def update_and_allocate(self, step: int, params, grads) -> Dict[str, np.ndarray]:
+    def update_and_allocate(self, step: int, params, grads) -> dict[str, np.ndarray]:
         """One call per optimizer step, after ``optimizer.step()``.
 
         - ``step < T_f`` (and not finalized): update importance (skipped entirely,
@@ -476,7 +500,7 @@ def lora_forward(x, A, B, scaling, bias=None) -> np.ndarray:
     return y
 
 
-def lora_accumulate(x, grad_out, A, B, scaling, reward) -> Tuple[np.ndarray, np.ndarray]:
+def lora_accumulate(x, grad_out, A, B, scaling, reward) -> tuple[np.ndarray, np.ndarray]:
     """Gradient increments of ``y = s (x A) B`` for the upstream gradient ``reward * grad_out``.
 
     ``dB = s * reward * sum_n outer(x_n @ A, grad_out_n)``      (r, out)
