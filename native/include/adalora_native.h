@@ -133,6 +133,10 @@ double adl_bench_forward_add_batched(const float *x, size_t n, size_t in,
                                      const float *B_stack, size_t out_f,
                                      size_t m, const int64_t *idx, float s,
                                      float *out, size_t iters);
+/* Nanoseconds per pass of a read-only sweep over n floats (8 independent
+ * vector sums on the SIMD paths): the load bandwidth available at that
+ * footprint, for the benchmark's floors. */
+double adl_bench_read(const float *p, size_t n, size_t iters);
 
 #ifdef __cplusplus
 }

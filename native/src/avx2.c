@@ -92,10 +92,16 @@ static ADL_TARGET void dot2(const float *x, const float *a0, const float *a1,
     h[1] = t1;
 }
 
-/* A (n, 2) row-major: 8 rows are 16 floats; x is spread to [x0 x0 x1 x1 ...]. */
+/* A (n, 2) row-major: 8 rows are 16 floats, [a00 a01 a10 a11 ...]. x is
+ * spread to [x0 x0 x1 x1 | x2 x2 x3 x3] and [x4 x4 x5 x5 | x6 x6 x7 x7] with
+ * one lane-crossing permute and two in-lane unpacks. */
+static ADL_TARGET inline void spread(__m256 xv, __m256 *lo, __m256 *hi) {
+    const __m256 xq = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xv), 0xD8));
+    *lo = _mm256_unpacklo_ps(xq, xq);
+    *hi = _mm256_unpackhi_ps(xq, xq);
+}
+
 static ADL_TARGET void dot2i(const float *x, const float *A, size_t n, float *h) {
-    const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    const __m256i hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
     __m256 p[U], q[U];
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u)
@@ -104,16 +110,18 @@ static ADL_TARGET void dot2i(const float *x, const float *A, size_t n, float *h)
     for (; i + W * U <= n; i += W * U) {
 #pragma GCC unroll 16
         for (int u = 0; u < U; ++u) {
-            const __m256 xv = LD(x + i + W * u);
             const float *a = A + 2 * (i + W * u);
-            p[u] = FMA(_mm256_permutevar8x32_ps(xv, lo), LD(a), p[u]);
-            q[u] = FMA(_mm256_permutevar8x32_ps(xv, hi), LD(a + W), q[u]);
+            __m256 lo, hi;
+            spread(LD(x + i + W * u), &lo, &hi);
+            p[u] = FMA(lo, LD(a), p[u]);
+            q[u] = FMA(hi, LD(a + W), q[u]);
         }
     }
     for (; i + W <= n; i += W) {
-        const __m256 xv = LD(x + i);
-        p[0] = FMA(_mm256_permutevar8x32_ps(xv, lo), LD(A + 2 * i), p[0]);
-        q[0] = FMA(_mm256_permutevar8x32_ps(xv, hi), LD(A + 2 * i + W), q[0]);
+        __m256 lo, hi;
+        spread(LD(x + i), &lo, &hi);
+        p[0] = FMA(lo, LD(A + 2 * i), p[0]);
+        q[0] = FMA(hi, LD(A + 2 * i + W), q[0]);
     }
     /* lanes alternate h0, h1 */
     const __m256 v = _mm256_add_ps(fold(p), fold(q));
@@ -280,15 +288,14 @@ static ADL_TARGET void dot_axpy2(const float *g, const float *b0,
 
 static ADL_TARGET void outer2i(float *gA, const float *x, float c0, float c1,
                                size_t n) {
-    const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    const __m256i hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
     const __m256 cc = _mm256_setr_ps(c0, c1, c0, c1, c0, c1, c0, c1);
     size_t i = 0;
     for (; i + W <= n; i += W) {
-        const __m256 xv = LD(x + i);
+        __m256 lo, hi;
+        spread(LD(x + i), &lo, &hi);
         float *g = gA + 2 * i;
-        ST(g, FMA(cc, _mm256_permutevar8x32_ps(xv, lo), LD(g)));
-        ST(g + W, FMA(cc, _mm256_permutevar8x32_ps(xv, hi), LD(g + W)));
+        ST(g, FMA(cc, lo, LD(g)));
+        ST(g + W, FMA(cc, hi, LD(g + W)));
     }
     for (; i < n; ++i) {
         gA[2 * i] += c0 * x[i];

@@ -13,6 +13,87 @@ static double now_ns(void) {
     return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
 }
 
+#if ADL_HAVE_X86
+#include <immintrin.h>
+__attribute__((target("avx2,fma"))) static float read_avx2(const float *p, size_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+           a6 = a0, a7 = a0;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+        a4 = _mm256_add_ps(a4, _mm256_loadu_ps(p + i + 32));
+        a5 = _mm256_add_ps(a5, _mm256_loadu_ps(p + i + 40));
+        a6 = _mm256_add_ps(a6, _mm256_loadu_ps(p + i + 48));
+        a7 = _mm256_add_ps(a7, _mm256_loadu_ps(p + i + 56));
+    }
+    a0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                       _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    float t[8], s = 0.0f;
+    _mm256_storeu_ps(t, a0);
+    for (int k = 0; k < 8; ++k)
+        s += t[k];
+    for (; i < n; ++i)
+        s += p[i];
+    return s;
+}
+#endif
+#if ADL_HAVE_NEON
+#include <arm_neon.h>
+static float read_neon(const float *p, size_t n) {
+    float32x4_t a[8];
+    for (int k = 0; k < 8; ++k)
+        a[k] = vdupq_n_f32(0.0f);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int k = 0; k < 8; ++k)
+            a[k] = vaddq_f32(a[k], vld1q_f32(p + i + 4 * k));
+    for (int k = 1; k < 8; ++k)
+        a[0] = vaddq_f32(a[0], a[k]);
+    float s = vaddvq_f32(a[0]);
+    for (; i < n; ++i)
+        s += p[i];
+    return s;
+}
+#endif
+
+static float read_scalar(const float *p, size_t n) {
+    float a[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k)
+            a[k] += p[i + k];
+    float s = 0.0f;
+    for (int k = 0; k < 8; ++k)
+        s += a[k];
+    for (; i < n; ++i)
+        s += p[i];
+    return s;
+}
+
+double adl_bench_read(const float *p, size_t n, size_t iters) {
+    float (*f)(const float *, size_t) = read_scalar;
+    const char *isa = adl_active_isa();
+#if ADL_HAVE_X86
+    if (isa[0] == 'a')
+        f = read_avx2;
+#endif
+#if ADL_HAVE_NEON
+    if (isa[0] == 'n')
+        f = read_neon;
+#endif
+    (void)isa;
+    volatile float sink = f(p, n);
+    const double t0 = now_ns();
+    for (size_t i = 0; i < iters; ++i)
+        sink += f(p, n);
+    (void)sink;
+    return iters ? (now_ns() - t0) / (double)iters : 0.0;
+}
+
+
 double adl_bench_forward_add(const float *x, size_t in, const float *A,
                              int a_layout, size_t r, const float *B,
                              size_t out_f, float s, float *out, size_t iters) {
