@@ -1,0 +1,589 @@
+"""The native backend's C ops against plain NumPy float64 formulas.
+
+Every op runs on every kernel path this machine has (scalar, avx2, neon),
+through both the one-call fast path and the checked path, on awkward sizes
+and both A layouts; every bad input must raise a clear error and write
+nothing. Skipped when the C extension is not built.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+native = pytest.importorskip("adalora_core.backends.native")
+if not native.info()["built"]:
+    pytest.skip(f"C extension not built: {native.info()['reason']}", allow_module_level=True)
+
+EPS32 = float(np.finfo(np.float32).eps)
+ISAS = native.supported_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = native.active_isa()
+    native.select_isa(request.param)
+    yield request.param
+    native.select_isa(before)
+
+
+# "fast": the public op (one-call entry point); "checked": the validating path
+PATHS = {
+    "fast": {
+        "lora_forward_add": native.lora_forward_add,
+        "lora_accumulate": native.lora_accumulate,
+        "lora_apply": native.lora_apply,
+        "lora_apply_ewc": native.lora_apply_ewc,
+        "lora_forward_add_batched": native.lora_forward_add_batched,
+        "triplet_forward_add": native.triplet_forward_add,
+    },
+    "checked": {
+        "lora_forward_add": native._checked_forward_add,
+        "lora_accumulate": native._checked_accumulate,
+        "lora_apply": native._checked_apply,
+        "lora_apply_ewc": native._checked_apply_ewc,
+        "lora_forward_add_batched": native._checked_forward_add_batched,
+        "triplet_forward_add": native._checked_triplet,
+    },
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def ops(request):
+    return PATHS[request.param]
+
+
+def f32(rng, *shape):
+    return rng.uniform(-1, 1, size=shape).astype(np.float32)
+
+
+def rank_major(A):
+    """The same (in, r) matrix stored rank-major: A.T is C-contiguous."""
+    return np.ascontiguousarray(A.T).T
+
+
+def assert_close(got, want, bound, terms):
+    """|got - want| <= 2 eps32 * (terms * bound + |want|) elementwise: a
+    rounding-error bound for float32 sums of `terms` products."""
+    got = np.asarray(got, np.float64)
+    tol = 2 * EPS32 * (terms * np.abs(bound) + np.abs(want)) + 1e-30
+    err = np.abs(got - want)
+    assert np.all(err <= tol), f"max err {err.max():.3g}, worst ratio {(err / tol).max():.3g}"
+
+
+SHAPES = [(1, 1), (7, 15), (17, 16), (767, 5), (768, 768), (4097, 33)]
+RANKS = [1, 2, 3, 5, 33]
+
+
+# --------------------------------------------------------------------------
+# values
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("layout", ["row", "rank"])
+def test_forward_add(isa, ops, in_f, out_f, r, batch, layout):
+    rng = np.random.default_rng(in_f * 100 + r)
+    shape_x = (in_f,) if batch is None else (batch, in_f)
+    x, A, B = f32(rng, *shape_x), f32(rng, in_f, r), f32(rng, r, out_f)
+    out = f32(rng, *shape_x[:-1], out_f)
+    if layout == "rank":
+        A = rank_major(A)
+    s = 0.75
+    x64, A64, B64 = (a.astype(np.float64) for a in (x, A, B))
+    want = out + s * (x64 @ A64) @ B64
+    bound = s * (np.abs(x64) @ np.abs(A64)) @ np.abs(B64)
+    ops["lora_forward_add"](x, A, B, s, out)
+    assert out.dtype == np.float32 and out.shape == want.shape
+    assert_close(out, want, bound, in_f + r + 4)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("r", [1, 2, 3, 33])
+@pytest.mark.parametrize("batch", [None, 4])
+@pytest.mark.parametrize("layout", ["row", "rank"])
+def test_accumulate(isa, ops, in_f, out_f, r, batch, layout):
+    rng = np.random.default_rng(in_f * 7 + r)
+    shape_x = (in_f,) if batch is None else (batch, in_f)
+    x, g = f32(rng, *shape_x), f32(rng, *shape_x[:-1], out_f)
+    A, B = f32(rng, in_f, r), f32(rng, r, out_f)
+    gA, gB = f32(rng, in_f, r), f32(rng, r, out_f)
+    if layout == "rank":
+        A, gA = rank_major(A), rank_major(gA)
+    s, reward = 0.5, -1.5
+    c = s * reward
+    x64, g64, A64, B64 = (np.atleast_2d(a).astype(np.float64) if a.ndim == 1 and k < 2 else
+                          a.astype(np.float64) for k, a in enumerate((x, g, A, B)))
+    wantA = gA + c * x64.T @ (g64 @ B64.T)
+    wantB = gB + c * (x64 @ A64).T @ g64
+    boundA = abs(c) * np.abs(x64).T @ (np.abs(g64) @ np.abs(B64).T)
+    boundB = abs(c) * (np.abs(x64) @ np.abs(A64)).T @ np.abs(g64)
+    ops["lora_accumulate"](x, g, A, B, s, reward, gA, gB)
+    n = 1 if batch is None else batch
+    assert_close(gA, wantA, boundA, in_f + out_f + n + 4)
+    assert_close(gB, wantB, boundB, in_f + out_f + n + 4)
+    if layout == "rank":  # still rank-major after the update
+        assert gA.T.flags.c_contiguous
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (17, 2), (2, 4097), (768, 2)])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_apply(isa, ops, shape, order):
+    rng = np.random.default_rng(len(shape))
+    p, g = np.asarray(f32(rng, *shape), order=order), np.asarray(f32(rng, *shape), order=order)
+    lr = 0.0123
+    want = p.astype(np.float64) - lr * g.astype(np.float64)
+    bound = lr * np.abs(g.astype(np.float64))
+    ops["lora_apply"](p, g, lr)
+    assert_close(p, want, bound, 2)
+    assert not g.any()
+
+
+@pytest.mark.parametrize("shape", [(1,), (15,), (17, 2), (2, 4097)])
+@pytest.mark.parametrize("proximal", [True, False])
+@pytest.mark.parametrize("update_fisher", [True, False])
+def test_apply_ewc(isa, ops, shape, proximal, update_fisher):
+    rng = np.random.default_rng(sum(shape))
+    p, g, opt = f32(rng, *shape), f32(rng, *shape), f32(rng, *shape)
+    F = (np.abs(f32(rng, *shape)) * 40).astype(np.float32)  # lr*lam*F up to 2
+    inv, lr, lam, decay = 1 / 3, 0.05, 1.0, 0.9
+    g64, F64, p64, o64 = (a.astype(np.float64) for a in (g, F, p, opt))
+    gm = g64 * np.float32(inv)
+    if update_fisher:
+        F64 = decay * F64 + (1 - decay) * gm * gm
+    a = lr * lam * F64
+    if proximal:
+        want = (p64 - lr * gm + a * o64) / (1 + a)
+    else:
+        want = p64 - lr * gm - a * (p64 - o64)
+    bound = np.abs(p64) + np.abs(lr * gm) + a * (np.abs(o64) + np.abs(p64))
+    ops["lora_apply_ewc"](p, g, inv, lr, lam, F, opt, decay, proximal, update_fisher)
+    assert_close(p, want, bound, 8)
+    assert_close(F, F64, F64, 4)
+    assert not g.any()
+
+
+@pytest.mark.parametrize("in_f,out_f", [(1, 1), (17, 767), (768, 16), (4097, 7)])
+@pytest.mark.parametrize("r", [1, 2, 3])
+@pytest.mark.parametrize("per_adapter_scale", [False, True])
+@pytest.mark.parametrize("layout", ["row", "rank"])
+def test_forward_add_batched(isa, ops, in_f, out_f, r, per_adapter_scale, layout):
+    rng = np.random.default_rng(in_f + out_f + r)
+    n, m = 9, 4
+    x, out = f32(rng, n, in_f), f32(rng, n, out_f)
+    A_stack, B_stack = f32(rng, m, in_f, r), f32(rng, m, r, out_f)
+    if layout == "rank":
+        A_stack = np.ascontiguousarray(A_stack.transpose(0, 2, 1)).transpose(0, 2, 1)
+    idx = rng.integers(0, m, size=n).astype(np.int64)
+    scaling = np.float32([0.5, -1.0, 2.0, 0.25]) if per_adapter_scale else 0.75
+    s = scaling[idx] if per_adapter_scale else np.full(n, scaling)
+    want = out.astype(np.float64).copy()
+    bound = np.zeros_like(want)
+    for b in range(n):
+        A64, B64, x64 = A_stack[idx[b]].astype(np.float64), B_stack[idx[b]].astype(np.float64), x[b].astype(np.float64)
+        want[b] += s[b] * (x64 @ A64) @ B64
+        bound[b] = abs(s[b]) * (np.abs(x64) @ np.abs(A64)) @ np.abs(B64)
+    ops["lora_forward_add_batched"](x, A_stack, B_stack, scaling, idx, out)
+    assert_close(out, want, bound, in_f + r + 4)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("r", [1, 2, 7, 12, 40])
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("e_shape", ["flat", "column"])
+def test_triplet_forward_add(isa, ops, in_f, out_f, r, batch, e_shape):
+    rng = np.random.default_rng(in_f + 3 * r)
+    shape_x = (in_f,) if batch is None else (batch, in_f)
+    x, out = f32(rng, *shape_x), f32(rng, *shape_x[:-1], out_f)
+    A, E, B = f32(rng, r, in_f), f32(rng, r), f32(rng, out_f, r)
+    s = 1.25
+    x64, A64, E64, B64 = (a.astype(np.float64) for a in (x, A, E, B))
+    want = out + s * ((x64 @ A64.T) * E64) @ B64.T
+    bound = s * ((np.abs(x64) @ np.abs(A64).T) * np.abs(E64)) @ np.abs(B64).T
+    ops["triplet_forward_add"](x, A, E[:, None] if e_shape == "column" else E, B, s, out)
+    assert_close(out, want, bound, in_f + r + 6)
+
+
+def test_triplet_matches_peft_formula():
+    """Same as PEFT's AdaLoRA: (x @ (A * E).T @ B.T) * scaling."""
+    rng = np.random.default_rng(0)
+    x, A, E, B = f32(rng, 5, 33), f32(rng, 6, 33), f32(rng, 6, 1), f32(rng, 20, 6)
+    out = np.zeros((5, 20), np.float32)
+    native.triplet_forward_add(x, A, E, B, 0.3, out)
+    want = (x.astype(np.float64) @ (A * E).astype(np.float64).T @ B.astype(np.float64).T) * 0.3
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
+def test_non_finite_propagates(isa, special):
+    rng = np.random.default_rng(1)
+    x, A, B = f32(rng, 33), f32(rng, 33, 2), f32(rng, 2, 9)
+    x[5] = special
+    out = np.zeros(9, np.float32)
+    native.lora_forward_add(x, A, B, 1.0, out)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = (x.astype(np.float64) @ A) @ B
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(out), np.isinf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(out[finite], want[finite], rtol=1e-5)
+
+
+def test_empty_sizes_are_no_ops(ops):
+    out = np.ones((0, 4), np.float32)
+    ops["lora_forward_add"](np.ones((0, 3), np.float32), np.ones((3, 2), np.float32),
+                            np.ones((2, 4), np.float32), 1.0, out)
+    out = np.ones(4, np.float32)
+    ops["lora_forward_add"](np.ones(0, np.float32), np.ones((0, 2), np.float32),
+                            np.ones((2, 4), np.float32), 1.0, out)
+    assert (out == 1).all()
+    p = np.ones(0, np.float32)
+    ops["lora_apply"](p, np.ones(0, np.float32), 0.1)
+
+
+def test_read_only_inputs_are_fine(ops):
+    rng = np.random.default_rng(2)
+    x, A, B = f32(rng, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    for a in (x, A, B):
+        a.flags.writeable = False
+    out = np.zeros(8, np.float32)
+    ops["lora_forward_add"](x, A, B, 1.0, out)
+    np.testing.assert_allclose(out, (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_scalars_and_ints_as_numbers():
+    rng = np.random.default_rng(3)
+    x, A, B = f32(rng, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    for s in (np.float32(0.5), np.float64(0.5), 1, True):
+        out = np.zeros(8, np.float32)
+        native.lora_forward_add(x, A, B, s, out)
+        np.testing.assert_allclose(out, float(s) * (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6)
+    p, g = f32(rng, 4), f32(rng, 4)
+    F, o = np.abs(f32(rng, 4)), f32(rng, 4)
+    native.lora_apply_ewc(p, g, 1, 0.1, 0.5, F, o, 0.9, np.bool_(True), np.bool_(False))
+    assert not g.any()
+
+
+def test_threads_share_read_only_adapter():
+    """Kernels release the GIL; concurrent calls with separate outputs agree."""
+    rng = np.random.default_rng(4)
+    x, A, B = f32(rng, 8, 512), f32(rng, 512, 2), f32(rng, 2, 512)
+    want = (x.astype(np.float64) @ A) @ B
+    outs = [np.zeros((8, 512), np.float32) for _ in range(4)]
+
+    def work(out):
+        for _ in range(200):
+            out[...] = 0
+            native.lora_forward_add(x, A, B, 1.0, out)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for o in outs:
+        np.testing.assert_allclose(o, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# bad inputs: a clear error, nothing written
+# --------------------------------------------------------------------------
+
+
+def _fwd_args(rng, in_f=16, r=2, out_f=8):
+    return f32(rng, in_f), f32(rng, in_f, r), f32(rng, r, out_f), 0.5, np.zeros(out_f, np.float32)
+
+
+def _untouched(op, args, out_index, exc, match):
+    out = args[out_index]
+    before = out.copy() if isinstance(out, np.ndarray) else None
+    with pytest.raises(exc, match=match):
+        op(*args)
+    if before is not None:
+        np.testing.assert_array_equal(out, before)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda a: a.__setitem__(0, a[0].astype(np.float64)), TypeError, "x must have dtype float32"),
+        (lambda a: a.__setitem__(0, a[0].tolist()), TypeError, "x must be a NumPy array"),
+        (lambda a: a.__setitem__(1, a[1].astype(np.float16)), TypeError, "A must have dtype float32"),
+        (lambda a: a.__setitem__(1, a[1].astype(">f4")), TypeError, "native byte order"),
+        (lambda a: a.__setitem__(4, a[4].astype(np.float64)), TypeError, "out must have dtype float32"),
+        (lambda a: a.__setitem__(0, np.repeat(a[0], 2)[::2]), ValueError, "x must be C-contiguous"),
+        (lambda a: a.__setitem__(2, np.asfortranarray(np.repeat(a[2], 2, axis=0))[::2]), ValueError,
+         "B must be C-contiguous"),
+        (lambda a: a.__setitem__(1, np.repeat(a[1], 2, axis=0)[::2]), ValueError,
+         r"A must be C- or F-contiguous"),
+        (lambda a: a.__setitem__(0, a[0][None, None]), ValueError, r"x must be 1-D or 2-D"),
+        (lambda a: a.__setitem__(0, a[0][:-1]), ValueError, "x has 15 features"),
+        (lambda a: a.__setitem__(2, np.zeros((3, 8), np.float32)), ValueError, r"B must be \(r, out\)"),
+        (lambda a: a.__setitem__(4, np.zeros(9, np.float32)), ValueError, "out has 9 columns"),
+        (lambda a: a.__setitem__(4, np.zeros((1, 8), np.float32)), ValueError, r"out must be \(out,\)"),
+        (lambda a: (a.__setitem__(1, np.zeros((16, 0), np.float32)),
+                    a.__setitem__(2, np.zeros((0, 8), np.float32))), ValueError, "unsupported rank 0"),
+        (lambda a: a.__setitem__(3, "half"), TypeError, "scaling must be a real number"),
+        (lambda a: a[4].setflags(write=False), ValueError, "out is read-only"),
+    ],
+)
+def test_forward_add_rejects(change, exc, match):
+    args = list(_fwd_args(np.random.default_rng(5)))
+    change(args)
+    _untouched(native.lora_forward_add, args, 4, exc, match)
+
+
+def test_forward_add_rejects_batch_row_mismatch():
+    rng = np.random.default_rng(6)
+    x, A, B = f32(rng, 3, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    _untouched(native.lora_forward_add, [x, A, B, 1.0, np.zeros((4, 8), np.float32)], 4, ValueError,
+               "x has 3 rows but out has 4")
+
+
+def test_forward_add_rejects_overlap():
+    rng = np.random.default_rng(7)
+    buf = f32(rng, 32)
+    A, B = f32(rng, 16, 2), f32(rng, 2, 16)
+    _untouched(native.lora_forward_add, [buf[:16], A, B, 1.0, buf[8:24]], 4, ValueError, "out overlaps x")
+
+
+def test_unaligned_input_rejected():
+    raw = np.zeros(16 * 4 + 1, np.uint8)
+    x = raw[1:].view(np.float32)
+    assert not x.flags.aligned
+    rng = np.random.default_rng(8)
+    _untouched(native.lora_forward_add, [x, f32(rng, 16, 2), f32(rng, 2, 8), 1.0, np.zeros(8, np.float32)],
+               4, ValueError, "not aligned")
+
+
+def test_accumulate_rejects():
+    rng = np.random.default_rng(9)
+    x, g, A, B = f32(rng, 16), f32(rng, 8), f32(rng, 16, 2), f32(rng, 2, 8)
+    gA, gB = np.zeros((16, 2), np.float32), np.zeros((2, 8), np.float32)
+    op = native.lora_accumulate
+    _untouched(op, [x, g, A, B, 1.0, 1.0, np.zeros((16, 3), np.float32), gB], 7, ValueError, "gA must have A's shape")
+    _untouched(op, [x, g, A, B, 1.0, 1.0, gA, np.zeros((2, 9), np.float32)], 6, ValueError, "gB must have B's shape")
+    _untouched(op, [x, f32(rng, 9), A, B, 1.0, 1.0, gA, gB], 6, ValueError, "grad_out has 9 columns")
+    _untouched(op, [x, g.astype(np.float64), A, B, 1.0, 1.0, gA, gB], 6, TypeError, "grad_out must have dtype float32")
+    _untouched(op, [x, g, A, B, 1.0, None, gA, gB], 6, TypeError, "reward must be a real number")
+    _untouched(op, [x, g, A, B, 1.0, 1.0, gA, B], 6, ValueError, "gB overlaps B")
+    _untouched(op, [f32(rng, 2, 16), g, A, B, 1.0, 1.0, gA, gB], 6, ValueError, r"grad_out must be \(n, out\)")
+
+
+def test_apply_rejects():
+    rng = np.random.default_rng(10)
+    p = f32(rng, 4, 3)
+    _untouched(native.lora_apply, [p, f32(rng, 3, 4), 0.1], 0, ValueError, "grad must have param's shape")
+    _untouched(native.lora_apply, [p, np.asfortranarray(f32(rng, 4, 3)), 0.1], 0, ValueError,
+               "must both be C-contiguous")
+    _untouched(native.lora_apply, [p, f32(rng, 4, 3).astype(np.float64), 0.1], 0, TypeError, "grad must have dtype")
+    _untouched(native.lora_apply, [p, p, 0.1], 0, ValueError, "param overlaps grad")
+    ro = f32(rng, 4, 3)
+    ro.flags.writeable = False
+    _untouched(native.lora_apply, [p, ro, 0.1], 0, ValueError, "grad is read-only")
+
+
+def test_apply_ewc_rejects():
+    rng = np.random.default_rng(11)
+    p, g, F, o = (f32(rng, 6) for _ in range(4))
+    op = native.lora_apply_ewc
+    _untouched(op, [p, g, 1.0, 0.1, 1.0, f32(rng, 5), o, 0.9, True, True], 0, ValueError,
+               "fisher must have param's shape")
+    _untouched(op, [p, g, 1.0, 0.1, 1.0, F, o.astype(np.float64), 0.9, True, True], 0, TypeError,
+               "optimal must have dtype float32")
+    _untouched(op, [p, g, 1.0, 0.1, 1.0, F, F, 0.9, True, True], 0, ValueError, "fisher overlaps optimal")
+    _untouched(op, [p, g, 1.0, "x", 1.0, F, o, 0.9, True, True], 0, TypeError, "lr must be a real number")
+
+
+def _batched_args(rng, n=5, m=3, in_f=16, r=2, out_f=8):
+    return [f32(rng, n, in_f), f32(rng, m, in_f, r), f32(rng, m, r, out_f), 0.5,
+            np.array([0, 2, 1, 2, 0], np.int64), np.zeros((n, out_f), np.float32)]
+
+
+@pytest.mark.parametrize("bad,pos", [(3, 2), (-1, 0), (10**12, 4)])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_batched_index_out_of_range(bad, pos, path):
+    args = _batched_args(np.random.default_rng(12))
+    args[4][pos] = bad
+    _untouched(PATHS[path]["lora_forward_add_batched"], args, 5, ValueError,
+               rf"idx\[{pos}\] = {bad} is out of range for 3 adapters")
+
+
+def test_batched_rejects():
+    rng = np.random.default_rng(13)
+    op = native.lora_forward_add_batched
+    a = _batched_args(rng)
+    a[4] = a[4].astype(np.float32)
+    _untouched(op, a, 5, TypeError, "idx must be an integer array")
+    a = _batched_args(rng)
+    a[4] = a[4][:4]
+    _untouched(op, a, 5, ValueError, "idx must have one entry per row of x")
+    a = _batched_args(rng)
+    a[2] = f32(rng, 3, 3, 8)
+    _untouched(op, a, 5, ValueError, r"B_stack must be \(m, r, out\)")
+    a = _batched_args(rng)
+    a[3] = np.float32([1.0, 2.0])
+    _untouched(op, a, 5, ValueError, r"scaling must be a float or an \(m,\)")
+    a = _batched_args(rng)
+    a[1] = np.asfortranarray(a[1])
+    _untouched(op, a, 5, ValueError, "A_stack must be a C-contiguous")
+    a = _batched_args(rng)
+    a[1] = a[1].astype(np.float64)
+    _untouched(op, a, 5, TypeError, "A_stack must have dtype float32")
+    a = _batched_args(rng)
+    a[1] = np.zeros((3, 16, 0), np.float32)
+    a[2] = np.zeros((3, 0, 8), np.float32)
+    _untouched(op, a, 5, ValueError, "unsupported rank 0")
+
+
+def test_batched_accepts_int32_idx():
+    rng = np.random.default_rng(14)
+    a = _batched_args(rng)
+    want = np.zeros_like(a[5])
+    native.lora_forward_add_batched(*a[:5], want)
+    a[4] = a[4].astype(np.int32)
+    native.lora_forward_add_batched(*a)
+    np.testing.assert_array_equal(a[5], want)
+
+
+def test_triplet_rejects():
+    rng = np.random.default_rng(15)
+    x, A, E, B = f32(rng, 16), f32(rng, 4, 16), f32(rng, 4), f32(rng, 8, 4)
+    op = native.triplet_forward_add
+    out = np.zeros(8, np.float32)
+    _untouched(op, [x, A, f32(rng, 3), B, 1.0, out], 5, ValueError, r"E must be \(r,\) or \(r, 1\)")
+    _untouched(op, [x, A, E, f32(rng, 8, 5), 1.0, out], 5, ValueError, r"B must be \(out, r\)")
+    _untouched(op, [f32(rng, 15), A, E, B, 1.0, out], 5, ValueError, "x has 15 features")
+    _untouched(op, [x, np.asfortranarray(f32(rng, 4, 16)), E, B, 1.0, out], 5, ValueError,
+               "A must be C-contiguous")
+    _untouched(op, [x, np.zeros((0, 16), np.float32), np.zeros(0, np.float32), np.zeros((8, 0), np.float32),
+                    1.0, out], 5, ValueError, "unsupported rank 0")
+
+
+def test_subclass_takes_checked_path():
+    class Sub(np.ndarray):
+        pass
+
+    rng = np.random.default_rng(16)
+    x, A, B = f32(rng, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    out = np.zeros(8, np.float32).view(Sub)
+    native.lora_forward_add(x.view(Sub), A, B, 1.0, out)
+    np.testing.assert_allclose(out, (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# backend, info, environment
+# --------------------------------------------------------------------------
+
+
+def test_backend_registers_ops():
+    from adalora_core.backends import get_backend
+    from adalora_core.backends.numpy import NumpyBackend
+
+    be = get_backend("native")
+    assert be.name == "native" and isinstance(be, NumpyBackend)
+    assert set(be.ops) == {"lora_forward_add", "lora_accumulate", "lora_apply", "lora_apply_ewc",
+                           "lora_forward_add_batched", "triplet_forward_add"}
+    assert be.op("lora_forward_add", None) is native.lora_forward_add
+    assert isinstance(be.zeros((2,)), np.ndarray)
+
+
+def test_info():
+    i = native.info()
+    assert i["built"] and i["available"] and i["reason"] is None
+    assert i["isa"] in ISAS and i["isa"] in i["supported_isas"]
+    assert "scalar" in i["supported_isas"]
+    assert isinstance(i["build"], str) and i["build"]
+    assert i["fast_path"] is (sys.implementation.name == "cpython")
+
+
+@pytest.mark.skipif(not native.info()["fast_path"], reason="object-address fast path is off here")
+def test_fast_path_takes_the_common_cases():
+    """Plain float32 arrays never fall back to the (slower) checked path."""
+    rng = np.random.default_rng(17)
+    x, A, B, out = f32(rng, 3, 64), f32(rng, 64, 2), f32(rng, 2, 32), np.zeros((3, 32), np.float32)
+    assert native._py_forward_add(id(x), id(A), id(B), 0.5, id(out)) == 0
+    assert native._py_forward_add(id(x[0]), id(rank_major(A)), id(B), 0.5, id(out[1])) == 0
+    g, gA, gB = f32(rng, 3, 32), np.zeros_like(A), np.zeros_like(B)
+    assert native._py_accumulate(id(x), id(g), id(A), id(B), 1.0, 1.0, id(gA), id(gB)) == 0
+    assert native._py_apply(id(A), id(gA), 0.1) == 0
+    assert native._py_apply_ewc(id(A), id(gA), 1.0, 0.1, 1.0, id(np.zeros_like(A)), id(A.copy()),
+                                0.9, 1, 1) == 0
+    As, Bs, idx = f32(rng, 4, 64, 2), f32(rng, 4, 2, 32), np.array([3, 0, 1], np.int64)
+    assert native._py_batched(id(x), id(As), id(Bs), 0.5, 0, id(idx), id(out)) == -1
+    idx[1] = 4
+    assert native._py_batched(id(x), id(As), id(Bs), 0.5, 0, id(idx), id(out)) == 1
+    At, E, Bt = f32(rng, 5, 64), f32(rng, 5, 1), f32(rng, 32, 5)
+    assert native._py_triplet(id(x), id(At), id(E), id(Bt), 0.5, id(out)) == 0
+
+
+@pytest.mark.skipif(not native.info()["fast_path"], reason="object-address fast path is off here")
+def test_fast_path_declines_without_writing():
+    rng = np.random.default_rng(18)
+    x, A, B = f32(rng, 64), f32(rng, 64, 2), f32(rng, 2, 32)
+    out = np.zeros(32, np.float32)
+    for args in [
+        (x.astype(np.float64), A, B, out),
+        (x[::2], A[::2], B, out),
+        (x, A, B, out[None]),
+        (x, A, B, np.zeros(33, np.float32)),
+        ([0.0] * 64, A, B, out),
+        (x, A, B, object()),
+        (x, A, B, x[:32]),  # overlaps x
+    ]:
+        assert native._py_forward_add(*(id(a) for a in args[:3]), 1.0, id(args[3])) == 1
+    assert not out.any()
+
+
+def test_select_isa_errors():
+    with pytest.raises(ValueError, match="unknown kernel path"):
+        native.select_isa("sse9")
+    missing = [p for p in native.ISAS if p not in ISAS]
+    for p in missing:
+        with pytest.raises(ValueError, match="not available here"):
+            native.select_isa(p)
+
+
+def _run(env_value, code):
+    env = dict(os.environ)
+    env.pop("ADALORA_BACKEND", None)
+    env["ADALORA_NATIVE"] = env_value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_env_off():
+    r = _run("0", "from adalora_core.backends import native, get_backend;"
+                  "print(native.is_available(), native.info()['reason'], get_backend().name)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "False" and "ADALORA_NATIVE=0" in r.stdout
+    assert r.stdout.split()[-1] == "numpy"
+
+
+def test_env_force_scalar():
+    r = _run("scalar", "from adalora_core.backends import native; print(native.info()['isa'])")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "scalar"
+
+
+def test_env_force_missing_path_is_an_error():
+    missing = [p for p in native.ISAS if p not in ISAS]
+    if not missing:
+        pytest.skip("every path is available here")
+    r = _run(missing[0], "from adalora_core.backends import native; native.is_available()")
+    assert r.returncode != 0
+    assert f"ADALORA_NATIVE={missing[0]}" in r.stderr and "lacks" in r.stderr
+    r = _run(missing[0], "from adalora_core.backends import native; i = native.info();"
+                         "print(i['available'], i['reason'])")
+    assert r.returncode == 0 and r.stdout.startswith("False")
+
+
+def test_env_unknown_value_is_an_error():
+    r = _run("fast", "from adalora_core.backends import native; native.is_available()")
+    assert r.returncode != 0 and "not understood" in r.stderr
