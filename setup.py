@@ -31,13 +31,13 @@ class optional_build_ext(build_ext):
     def run(self):
         try:
             super().run()
-        except Exception as exc:  # no compiler, bad toolchain, missing headers
+        except Exception as exc:  # noqa: BLE001 (no compiler, bad toolchain, missing headers)
             _warn(exc)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             _warn(exc)
 
 

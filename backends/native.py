@@ -67,17 +67,17 @@ else:
     _IMPORT_ERROR = None
 
 __all__ = [
-    "NativeBackend",
     "OPS",
+    "NativeBackend",
     "info",
     "is_available",
-    "select_isa",
-    "supported_isas",
-    "lora_forward_add",
     "lora_accumulate",
     "lora_apply",
     "lora_apply_ewc",
+    "lora_forward_add",
     "lora_forward_add_batched",
+    "select_isa",
+    "supported_isas",
     "triplet_forward_add",
 ]
 
@@ -143,7 +143,9 @@ def select_isa(name: str | None = None) -> str:
     if rc == -2:
         raise ValueError(f"unknown kernel path {name!r}; known: {', '.join(ISAS)}")
     if rc != 0:
-        raise ValueError(f"kernel path {name!r} is not available here; available: {supported_isas()}")
+        raise ValueError(
+            f"kernel path {name!r} is not available here; available: {supported_isas()}"
+        )
     return active_isa()
 
 
@@ -191,6 +193,13 @@ def _numpy_layout() -> tuple[Any, bool, str]:
     lay.ndarray_type = id(np.ndarray)
     lay.f32_descr = id(_F32)
     lay.i64_descr = id(_I64)
+    lay.off_tuple_size = head  # PyVarObject.ob_size
+    lay.off_tuple_items = tuple.__basicsize__  # ob_item follows the fixed part
+    lay.off_float_value = head  # PyFloatObject.ob_fval
+    lay.tuple_type = id(tuple)
+    lay.float_type = id(float)
+    lay.true_obj = id(True)
+    lay.false_obj = id(False)
     _lib.adl_py_init(lay, 0)
     base = np.arange(24, dtype=np.float32)
     probes = [
@@ -215,6 +224,16 @@ def _numpy_layout() -> tuple[Any, bool, str]:
         ]
         if list(out) != want:
             return lay, False, f"NumPy {np.__version__} array layout not as expected"
+    item, value = _ffi.new("int64_t *"), _ffi.new("double *")
+    probe_t = (probes[0], 0.625, True, 3)
+    for i, obj in enumerate(probe_t):
+        _lib.adl_py_probe_tuple(id(probe_t), i, item, value)
+        if (
+            item[0] != id(obj)
+            or (type(obj) is float and value[0] != obj)
+            or (type(obj) is not float and value[0] == value[0])
+        ):
+            return lay, False, "tuple or float layout not as expected"
     if np.zeros(1, np.float32).dtype is not _F32 or np.zeros(1, np.int64).dtype is not _I64:
         return lay, False, "NumPy dtypes are not singletons"
     return lay, True, ""
@@ -225,7 +244,7 @@ _fast_reason = "extension not built"
 if _lib is not None:
     try:
         _layout, _fast, _fast_reason = _numpy_layout()
-    except Exception as exc:  # never let the optimisation break the import
+    except Exception as exc:  # noqa: BLE001 (never let the optimisation break the import)
         _layout, _fast, _fast_reason = None, False, f"{type(exc).__name__}: {exc}"
     if _layout is not None:
         _lib.adl_py_init(_layout, 1 if _fast else 0)
@@ -235,7 +254,20 @@ def _declined(*args: Any) -> int:
     return 1
 
 
+# Each op first hands C one tuple of all its arguments (``t = (...)``, then
+# ``_pyt_op(id(t))``; the local ``t`` keeps the tuple alive during the call):
+# one argument to convert instead of up to ten. A declined call (a scalar
+# that is not an exact float, a subclass, an odd layout, any error) retries
+# with per-argument conversion, then falls to the checked path.
+
+
 if _fast:
+    _pyt_forward_add = _lib.adl_pyt_forward_add
+    _pyt_accumulate = _lib.adl_pyt_accumulate
+    _pyt_apply = _lib.adl_pyt_apply
+    _pyt_apply_ewc = _lib.adl_pyt_apply_ewc
+    _pyt_triplet = _lib.adl_pyt_triplet_forward_add
+    _pyt_batched = _lib.adl_pyt_forward_add_batched
     _py_forward_add = _lib.adl_py_forward_add
     _py_accumulate = _lib.adl_py_accumulate
     _py_apply = _lib.adl_py_apply
@@ -244,9 +276,12 @@ if _fast:
     _py_batched = _lib.adl_py_forward_add_batched
 else:
     _py_forward_add = _py_accumulate = _py_apply = _py_apply_ewc = _py_triplet = _declined
+    _pyt_forward_add = _pyt_accumulate = _pyt_apply = _pyt_apply_ewc = _pyt_triplet = _declined
 
     def _py_batched(*args: Any) -> int:
         return -2
+
+    _pyt_batched = _py_batched
 
 
 def info() -> dict[str, Any]:
@@ -308,8 +343,15 @@ def _real(name: str, v: Any) -> float:
         raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}") from None
 
 
-def _arr(name: str, a: Any, ndims: tuple[int, ...], *, writeable: bool = False,
-         orders: str = "C", dtype: np.dtype = _F32) -> np.ndarray:
+def _arr(
+    name: str,
+    a: Any,
+    ndims: tuple[int, ...],
+    *,
+    writeable: bool = False,
+    orders: str = "C",
+    dtype: np.dtype = _F32,
+) -> np.ndarray:
     """``a`` checked: NumPy array of ``dtype``, ``ndim`` in ``ndims``, aligned,
     C-contiguous (``orders="CF"``: or F-contiguous), writeable if asked."""
     if not isinstance(a, np.ndarray):
@@ -326,7 +368,11 @@ def _arr(name: str, a: Any, ndims: tuple[int, ...], *, writeable: bool = False,
     if not f.aligned:
         raise ValueError(f"{name} is not aligned to its itemsize; copy it with np.array({name})")
     if not (f.c_contiguous or ("F" in orders and f.f_contiguous)):
-        what = "C-contiguous" if orders == "C" else "C- or F-contiguous (the transpose of a C-contiguous array)"
+        what = (
+            "C-contiguous"
+            if orders == "C"
+            else "C- or F-contiguous (the transpose of a C-contiguous array)"
+        )
         raise ValueError(
             f"{name} must be {what}, got strides {a.strides} for shape {a.shape}; "
             f"use np.ascontiguousarray({name})"
@@ -339,7 +385,7 @@ def _arr(name: str, a: Any, ndims: tuple[int, ...], *, writeable: bool = False,
 def _no_overlap(outs: dict[str, np.ndarray], ins: dict[str, np.ndarray]) -> None:
     names = list(outs)
     for i, o in enumerate(names):
-        for other, b in list(ins.items()) + [(n, outs[n]) for n in names[i + 1:]]:
+        for other, b in list(ins.items()) + [(n, outs[n]) for n in names[i + 1 :]]:
             if outs[o].size and b.size and np.may_share_memory(outs[o], b):
                 raise ValueError(f"{o} overlaps {other}; the output must be a separate buffer")
 
@@ -350,26 +396,33 @@ def _fp(a: np.ndarray) -> Any:
     return _ffi.from_buffer("float[]", a if a.flags.c_contiguous else a.T)
 
 
-def _lp(name: str, A: np.ndarray) -> int:  # noqa: ARG001 (name kept for symmetry)
+def _lp(name: str, A: np.ndarray) -> int:
     return _ROW_MAJOR if A.flags.c_contiguous else _RANK_MAJOR
 
 
 def _rank(name: str, r: int) -> None:
     if r < 1:
-        raise ValueError(f"unsupported rank {r} ({name} has {r} rank columns); the kernels need r >= 1")
+        raise ValueError(
+            f"unsupported rank {r} ({name} has {r} rank columns); the kernels need r >= 1"
+        )
 
 
-def _rows(xname: str, x: np.ndarray, in_: int, oname: str, o: np.ndarray, out_f: int,
-          aname: str) -> int:
+def _rows(
+    xname: str, x: np.ndarray, in_: int, oname: str, o: np.ndarray, out_f: int, aname: str
+) -> int:
     """Number of rows of x / o, checking (in,)/(out,) or (n,in)/(n,out)."""
     if x.shape[-1] != in_:
-        raise ValueError(f"{xname} has {x.shape[-1]} features (shape {x.shape}) but {aname} expects {in_}")
+        raise ValueError(
+            f"{xname} has {x.shape[-1]} features (shape {x.shape}) but {aname} expects {in_}"
+        )
     if o.ndim != x.ndim:
         raise ValueError(
             f"{oname} must be {'(out,)' if x.ndim == 1 else '(n, out)'} like {xname} {x.shape}, got {o.shape}"
         )
     if o.shape[-1] != out_f:
-        raise ValueError(f"{oname} has {o.shape[-1]} columns (shape {o.shape}) but the adapter gives {out_f}")
+        raise ValueError(
+            f"{oname} has {o.shape[-1]} columns (shape {o.shape}) but the adapter gives {out_f}"
+        )
     if x.ndim == 2 and o.shape[0] != x.shape[0]:
         raise ValueError(f"{xname} has {x.shape[0]} rows but {oname} has {o.shape[0]}")
     return 1 if x.ndim == 1 else x.shape[0]
@@ -385,7 +438,9 @@ def _checked_forward_add(x, A, B, scaling, out) -> None:
     in_, r = A.shape
     _rank("A (in, r)", r)
     if B.shape[0] != r:
-        raise ValueError(f"A is (in, r) = {A.shape} but B is {B.shape}; B must be (r, out) with r = {r}")
+        raise ValueError(
+            f"A is (in, r) = {A.shape} but B is {B.shape}; B must be (r, out) with r = {r}"
+        )
     out_f = B.shape[1]
     n = _rows("x", x, in_, "out", out, out_f, "A (in, r)")
     _no_overlap({"out": out}, {"x": x, "A": A, "B": B})
@@ -406,7 +461,9 @@ def _checked_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
     in_, r = A.shape
     _rank("A (in, r)", r)
     if B.shape[0] != r:
-        raise ValueError(f"A is (in, r) = {A.shape} but B is {B.shape}; B must be (r, out) with r = {r}")
+        raise ValueError(
+            f"A is (in, r) = {A.shape} but B is {B.shape}; B must be (r, out) with r = {r}"
+        )
     out_f = B.shape[1]
     if gA.shape != A.shape:
         raise ValueError(f"gA must have A's shape {A.shape}, got {gA.shape}")
@@ -416,8 +473,21 @@ def _checked_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
     _no_overlap({"gA": gA, "gB": gB}, {"x": x, "grad_out": g, "A": A, "B": B})
     if x.size == 0 or g.size == 0:
         return
-    _lib.adl_lora_accumulate(_fp(x), _fp(g), n, in_, out_f, _fp(A), _lp("A", A), r, _fp(B), c,
-                             _fp(gA), _lp("gA", gA), _fp(gB))
+    _lib.adl_lora_accumulate(
+        _fp(x),
+        _fp(g),
+        n,
+        in_,
+        out_f,
+        _fp(A),
+        _lp("A", A),
+        r,
+        _fp(B),
+        c,
+        _fp(gA),
+        _lp("gA", gA),
+        _fp(gB),
+    )
 
 
 def _same(name: str, a: np.ndarray, pname: str, p: np.ndarray) -> None:
@@ -430,7 +500,7 @@ def _same(name: str, a: np.ndarray, pname: str, p: np.ndarray) -> None:
 def _checked_apply(param, grad, lr_over_count) -> None:
     _need_lib()
     lr = _real("lr_over_count", lr_over_count)
-    nd = tuple(range(0, 33))
+    nd = tuple(range(33))
     p = _arr("param", param, nd, writeable=True, orders="CF")
     g = _arr("grad", grad, nd, writeable=True, orders="CF")
     _same("grad", g, "param", p)
@@ -440,12 +510,15 @@ def _checked_apply(param, grad, lr_over_count) -> None:
     _lib.adl_apply(_fp(p), _fp(g), p.size, lr)
 
 
-def _checked_apply_ewc(param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal,
-                       update_fisher) -> None:
+def _checked_apply_ewc(
+    param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher
+) -> None:
     _need_lib()
-    ic, lr_, lam_, dec = (_real(n, v) for n, v in
-                          (("inv_count", inv_count), ("lr", lr), ("lam", lam), ("decay", decay)))
-    nd = tuple(range(0, 33))
+    ic, lr_, lam_, dec = (
+        _real(n, v)
+        for n, v in (("inv_count", inv_count), ("lr", lr), ("lam", lam), ("decay", decay))
+    )
+    nd = tuple(range(33))
     p = _arr("param", param, nd, writeable=True, orders="CF")
     g = _arr("grad", grad, nd, writeable=True, orders="CF")
     F = _arr("fisher", fisher, nd, writeable=True, orders="CF")
@@ -455,8 +528,19 @@ def _checked_apply_ewc(param, grad, inv_count, lr, lam, fisher, optimal, decay, 
     _no_overlap({"param": p, "grad": g, "fisher": F}, {"optimal": o})
     if p.size == 0:
         return
-    _lib.adl_apply_ewc(_fp(p), _fp(g), p.size, ic, lr_, lam_, _fp(F), _fp(o), dec,
-                       1 if proximal else 0, 1 if update_fisher else 0)
+    _lib.adl_apply_ewc(
+        _fp(p),
+        _fp(g),
+        p.size,
+        ic,
+        lr_,
+        lam_,
+        _fp(F),
+        _fp(o),
+        dec,
+        1 if proximal else 0,
+        1 if update_fisher else 0,
+    )
 
 
 def _stack_layout(name: str, A: np.ndarray) -> int:
@@ -464,9 +548,7 @@ def _stack_layout(name: str, A: np.ndarray) -> int:
     transpose of a C-contiguous (m, r, in) stack (rank-major per adapter)."""
     if A.flags.c_contiguous:
         return _ROW_MAJOR
-    m, in_, r = A.shape
-    T = A.transpose(0, 2, 1)
-    if T.flags.c_contiguous:
+    if A.transpose(0, 2, 1).flags.c_contiguous:
         return _RANK_MAJOR
     raise ValueError(
         f"{name} must be a C-contiguous (m, in, r) stack, or the .transpose(0, 2, 1) view of a "
@@ -513,7 +595,9 @@ def _checked_forward_add_batched(x, A_stack, B_stack, scaling, idx, out) -> None
     if isinstance(scaling, np.ndarray):
         sc = _arr("scaling", scaling, (1,))
         if sc.shape[0] != m:
-            raise ValueError(f"scaling must be a float or an (m,) = ({m},) array, got shape {sc.shape}")
+            raise ValueError(
+                f"scaling must be a float or an (m,) = ({m},) array, got shape {sc.shape}"
+            )
         scales = _fp(sc)
     else:
         s = _real("scaling", scaling)
@@ -530,8 +614,20 @@ def _checked_forward_add_batched(x, A_stack, B_stack, scaling, idx, out) -> None
         return
     A_mem = A_stack if layout == _ROW_MAJOR else A_stack.transpose(0, 2, 1)
     rc = _lib.adl_lora_forward_add_batched(
-        _fp(x), n, in_, _ffi.from_buffer("float[]", A_mem), layout, r, _fp(B_stack), out_f, m,
-        _ffi.from_buffer("int64_t[]", idx), scales, s, _fp(out))
+        _fp(x),
+        n,
+        in_,
+        _ffi.from_buffer("float[]", A_mem),
+        layout,
+        r,
+        _fp(B_stack),
+        out_f,
+        m,
+        _ffi.from_buffer("int64_t[]", idx),
+        scales,
+        s,
+        _fp(out),
+    )
     if rc >= 0:  # cannot happen after the check above; never ignore it anyway
         raise _bad_index(idx, int(rc), m)
 
@@ -547,9 +643,13 @@ def _checked_triplet(x, A, E, B, scale, out) -> None:
     r, in_ = A.shape
     _rank("A (r, in)", r)
     if E.shape not in ((r,), (r, 1)):
-        raise ValueError(f"E must be (r,) or (r, 1) with r = {r} (A is (r, in) = {A.shape}), got {E.shape}")
+        raise ValueError(
+            f"E must be (r,) or (r, 1) with r = {r} (A is (r, in) = {A.shape}), got {E.shape}"
+        )
     if B.shape[1] != r:
-        raise ValueError(f"B must be (out, r) with r = {r} (A is (r, in) = {A.shape}), got {B.shape}")
+        raise ValueError(
+            f"B must be (out, r) with r = {r} (A is (r, in) = {A.shape}), got {B.shape}"
+        )
     out_f = B.shape[0]
     n = _rows("x", x, in_, "out", out, out_f, "A (r, in)")
     _no_overlap({"out": out}, {"x": x, "A": A, "E": E, "B": B})
@@ -571,10 +671,16 @@ def lora_forward_add(x, A, B, scaling, out) -> None:
 
         out += np.float32(scaling) * (x @ A) @ B
     """
+    t = (x, A, B, scaling, out)
+    if _pyt_forward_add(id(t)):
+        _lora_forward_add_declined(x, A, B, scaling, out)
+
+
+def _lora_forward_add_declined(x, A, B, scaling, out) -> None:
     try:
         if not _py_forward_add(id(x), id(A), id(B), scaling, id(out)):
             return
-    except TypeError:  # scaling is not a number: the checked path says so
+    except TypeError:  # a scalar that is not a number: the checked path says so
         pass
     _checked_forward_add(x, A, B, scaling, out)
 
@@ -588,10 +694,16 @@ def lora_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
         gA += c * np.outer(x, grad_out @ B.T)      # batch: c * x.T @ (grad_out @ B.T)
         gB += c * np.outer(x @ A, grad_out)        # batch: c * (x @ A).T @ grad_out
     """
+    t = (x, grad_out, A, B, scaling, reward, gA, gB)
+    if _pyt_accumulate(id(t)):
+        _lora_accumulate_declined(x, grad_out, A, B, scaling, reward, gA, gB)
+
+
+def _lora_accumulate_declined(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
     try:
         if not _py_accumulate(id(x), id(grad_out), id(A), id(B), scaling, reward, id(gA), id(gB)):
             return
-    except TypeError:
+    except TypeError:  # a scalar that is not a number: the checked path says so
         pass
     _checked_accumulate(x, grad_out, A, B, scaling, reward, gA, gB)
 
@@ -599,19 +711,26 @@ def lora_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
 def lora_apply(param, grad, lr_over_count) -> None:
     """SGD step on the accumulated gradient, then clear it. Reference::
 
-        param -= lr_over_count * grad
-        grad[...] = 0
+    param -= lr_over_count * grad
+    grad[...] = 0
     """
+    t = (param, grad, lr_over_count)
+    if _pyt_apply(id(t)):
+        _lora_apply_declined(param, grad, lr_over_count)
+
+
+def _lora_apply_declined(param, grad, lr_over_count) -> None:
     try:
         if not _py_apply(id(param), id(grad), lr_over_count):
             return
-    except TypeError:
+    except TypeError:  # a scalar that is not a number: the checked path says so
         pass
     _checked_apply(param, grad, lr_over_count)
 
 
-def lora_apply_ewc(param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal,
-                   update_fisher) -> None:
+def lora_apply_ewc(
+    param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher
+) -> None:
     """EWC++ step with the Fisher EMA updated in the same pass. Order per
     element: the Fisher first, then the step uses the updated Fisher.
     Reference::
@@ -628,14 +747,35 @@ def lora_apply_ewc(param, grad, inv_count, lr, lam, fisher, optimal, decay, prox
 
     param, grad, fisher (written) and optimal (read) share one shape and memory order.
     """
+    t = (param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher)
+    if _pyt_apply_ewc(id(t)):
+        _lora_apply_ewc_declined(
+            param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher
+        )
+
+
+def _lora_apply_ewc_declined(
+    param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher
+) -> None:
     try:
-        if not _py_apply_ewc(id(param), id(grad), inv_count, lr, lam, id(fisher), id(optimal),
-                             decay, proximal, update_fisher):
+        if not _py_apply_ewc(
+            id(param),
+            id(grad),
+            inv_count,
+            lr,
+            lam,
+            id(fisher),
+            id(optimal),
+            decay,
+            proximal,
+            update_fisher,
+        ):
             return
-    except TypeError:
+    except TypeError:  # a scalar that is not a number: the checked path says so
         pass
-    _checked_apply_ewc(param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal,
-                       update_fisher)
+    _checked_apply_ewc(
+        param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher
+    )
 
 
 def lora_forward_add_batched(x, A_stack, B_stack, scaling, idx, out) -> None:
@@ -650,6 +790,16 @@ def lora_forward_add_batched(x, A_stack, B_stack, scaling, idx, out) -> None:
         for b in range(len(idx)):
             out[b] += s[b] * (x[b] @ A_stack[idx[b]]) @ B_stack[idx[b]]
     """
+    t = (x, A_stack, B_stack, scaling, idx, out)
+    rc = _pyt_batched(id(t))
+    if rc == -1:
+        return
+    if rc >= 0:
+        raise _bad_index(idx, int(rc), A_stack.shape[0])
+    _lora_forward_add_batched_declined(x, A_stack, B_stack, scaling, idx, out)
+
+
+def _lora_forward_add_batched_declined(x, A_stack, B_stack, scaling, idx, out) -> None:
     if isinstance(scaling, np.ndarray):
         s, sid = 0.0, id(scaling)
     else:
@@ -674,10 +824,16 @@ def triplet_forward_add(x, A, E, B, scale, out) -> None:
         out += scale * B @ (E.ravel() * (A @ x))               # one vector
         out += scale * ((x @ A.T) * E.ravel()) @ B.T           # a batch
     """
+    t = (x, A, E, B, scale, out)
+    if _pyt_triplet(id(t)):
+        _triplet_forward_add_declined(x, A, E, B, scale, out)
+
+
+def _triplet_forward_add_declined(x, A, E, B, scale, out) -> None:
     try:
         if not _py_triplet(id(x), id(A), id(E), id(B), scale, id(out)):
             return
-    except TypeError:
+    except TypeError:  # a scalar that is not a number: the checked path says so
         pass
     _checked_triplet(x, A, E, B, scale, out)
 
@@ -711,8 +867,9 @@ def kernel_ns_forward_add(x, A, B, scaling, out, iters: int = 10000) -> float:
     _checked_forward_add(x, A, B, scaling, out)
     x = _arr("x", x, (1,))
     in_, r = A.shape
-    return _lib.adl_bench_forward_add(_fp(x), in_, _fp(A), _lp("A", A), r, _fp(B), B.shape[1],
-                                      float(scaling), _fp(out), iters)
+    return _lib.adl_bench_forward_add(
+        _fp(x), in_, _fp(A), _lp("A", A), r, _fp(B), B.shape[1], float(scaling), _fp(out), iters
+    )
 
 
 def kernel_ns_accumulate(x, grad_out, A, B, c, gA, gB, iters: int = 10000) -> float:
@@ -721,27 +878,52 @@ def kernel_ns_accumulate(x, grad_out, A, B, c, gA, gB, iters: int = 10000) -> fl
     if _lp("A", A) != _lp("gA", gA):
         raise ValueError("kernel_ns_accumulate needs gA in A's layout")
     in_, r = A.shape
-    return _lib.adl_bench_accumulate(_fp(x), _fp(grad_out), in_, B.shape[1], _fp(A), _lp("A", A),
-                                     r, _fp(B), float(c), _fp(gA), _fp(gB), iters)
+    return _lib.adl_bench_accumulate(
+        _fp(x),
+        _fp(grad_out),
+        in_,
+        B.shape[1],
+        _fp(A),
+        _lp("A", A),
+        r,
+        _fp(B),
+        float(c),
+        _fp(gA),
+        _fp(gB),
+        iters,
+    )
 
 
 def kernel_ns_apply_ewc(param, grad, fisher, optimal, iters: int = 10000) -> float:
     """Nanoseconds per call of the EWC kernel alone (proximal, Fisher update)."""
     _checked_apply_ewc(param, grad, 1.0, 1e-3, 0.1, fisher, optimal, 0.999, True, True)
-    return _lib.adl_bench_apply_ewc(_fp(param), _fp(grad), param.size, _fp(fisher),
-                                    _fp(optimal), iters)
+    return _lib.adl_bench_apply_ewc(
+        _fp(param), _fp(grad), param.size, _fp(fisher), _fp(optimal), iters
+    )
 
 
-def kernel_ns_forward_add_batched(x, A_stack, B_stack, scaling: float, idx, out,
-                                  iters: int = 1000) -> float:
+def kernel_ns_forward_add_batched(
+    x, A_stack, B_stack, scaling: float, idx, out, iters: int = 1000
+) -> float:
     """Nanoseconds per call of the batched kernel alone (all n requests)."""
     _checked_forward_add_batched(x, A_stack, B_stack, scaling, idx, out)
     if not A_stack.flags.c_contiguous:
         raise ValueError("kernel_ns_forward_add_batched needs a C-contiguous A_stack")
     m, in_, r = A_stack.shape
     return _lib.adl_bench_forward_add_batched(
-        _fp(x), x.shape[0], in_, _fp(A_stack), r, _fp(B_stack), B_stack.shape[2], m,
-        _ffi.from_buffer("int64_t[]", idx), float(scaling), _fp(out), iters)
+        _fp(x),
+        x.shape[0],
+        in_,
+        _fp(A_stack),
+        r,
+        _fp(B_stack),
+        B_stack.shape[2],
+        m,
+        _ffi.from_buffer("int64_t[]", idx),
+        float(scaling),
+        _fp(out),
+        iters,
+    )
 
 
 def read_ns(buf, iters: int = 1000) -> float:

@@ -52,7 +52,7 @@ def cdef_from_header(path: str) -> str:
     ``#define`` constants kept."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
     lines = []
     for line in text.splitlines():
         s = line.strip()

@@ -33,6 +33,8 @@ def isa(request):
 
 
 # "fast": the public op (one-call entry point); "checked": the validating path
+# "fast": the public op (one argument tuple to C); "per-arg": the fallback
+# with per-argument conversion; "checked": the validating path
 PATHS = {
     "fast": {
         "lora_forward_add": native.lora_forward_add,
@@ -41,6 +43,14 @@ PATHS = {
         "lora_apply_ewc": native.lora_apply_ewc,
         "lora_forward_add_batched": native.lora_forward_add_batched,
         "triplet_forward_add": native.triplet_forward_add,
+    },
+    "per-arg": {
+        "lora_forward_add": native._lora_forward_add_declined,
+        "lora_accumulate": native._lora_accumulate_declined,
+        "lora_apply": native._lora_apply_declined,
+        "lora_apply_ewc": native._lora_apply_ewc_declined,
+        "lora_forward_add_batched": native._lora_forward_add_batched_declined,
+        "triplet_forward_add": native._triplet_forward_add_declined,
     },
     "checked": {
         "lora_forward_add": native._checked_forward_add,
@@ -119,8 +129,10 @@ def test_accumulate(isa, ops, in_f, out_f, r, batch, layout):
         A, gA = rank_major(A), rank_major(gA)
     s, reward = 0.5, -1.5
     c = s * reward
-    x64, g64, A64, B64 = (np.atleast_2d(a).astype(np.float64) if a.ndim == 1 and k < 2 else
-                          a.astype(np.float64) for k, a in enumerate((x, g, A, B)))
+    x64, g64, A64, B64 = (
+        np.atleast_2d(a).astype(np.float64) if a.ndim == 1 and k < 2 else a.astype(np.float64)
+        for k, a in enumerate((x, g, A, B))
+    )
     wantA = gA + c * x64.T @ (g64 @ B64.T)
     wantB = gB + c * (x64 @ A64).T @ g64
     boundA = abs(c) * np.abs(x64).T @ (np.abs(g64) @ np.abs(B64).T)
@@ -187,7 +199,11 @@ def test_forward_add_batched(isa, ops, in_f, out_f, r, per_adapter_scale, layout
     want = out.astype(np.float64).copy()
     bound = np.zeros_like(want)
     for b in range(n):
-        A64, B64, x64 = A_stack[idx[b]].astype(np.float64), B_stack[idx[b]].astype(np.float64), x[b].astype(np.float64)
+        A64, B64, x64 = (
+            A_stack[idx[b]].astype(np.float64),
+            B_stack[idx[b]].astype(np.float64),
+            x[b].astype(np.float64),
+        )
         want[b] += s[b] * (x64 @ A64) @ B64
         bound[b] = abs(s[b]) * (np.abs(x64) @ np.abs(A64)) @ np.abs(B64)
     ops["lora_forward_add_batched"](x, A_stack, B_stack, scaling, idx, out)
@@ -238,11 +254,17 @@ def test_non_finite_propagates(isa, special):
 
 def test_empty_sizes_are_no_ops(ops):
     out = np.ones((0, 4), np.float32)
-    ops["lora_forward_add"](np.ones((0, 3), np.float32), np.ones((3, 2), np.float32),
-                            np.ones((2, 4), np.float32), 1.0, out)
+    ops["lora_forward_add"](
+        np.ones((0, 3), np.float32),
+        np.ones((3, 2), np.float32),
+        np.ones((2, 4), np.float32),
+        1.0,
+        out,
+    )
     out = np.ones(4, np.float32)
-    ops["lora_forward_add"](np.ones(0, np.float32), np.ones((0, 2), np.float32),
-                            np.ones((2, 4), np.float32), 1.0, out)
+    ops["lora_forward_add"](
+        np.ones(0, np.float32), np.ones((0, 2), np.float32), np.ones((2, 4), np.float32), 1.0, out
+    )
     assert (out == 1).all()
     p = np.ones(0, np.float32)
     ops["lora_apply"](p, np.ones(0, np.float32), 0.1)
@@ -264,7 +286,9 @@ def test_numpy_scalars_and_ints_as_numbers():
     for s in (np.float32(0.5), np.float64(0.5), 1, True):
         out = np.zeros(8, np.float32)
         native.lora_forward_add(x, A, B, s, out)
-        np.testing.assert_allclose(out, float(s) * (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            out, float(s) * (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6
+        )
     p, g = f32(rng, 4), f32(rng, 4)
     F, o = np.abs(f32(rng, 4)), f32(rng, 4)
     native.lora_apply_ewc(p, g, 1, 0.1, 0.5, F, o, 0.9, np.bool_(True), np.bool_(False))
@@ -313,23 +337,55 @@ def _untouched(op, args, out_index, exc, match):
 @pytest.mark.parametrize(
     "change,exc,match",
     [
-        (lambda a: a.__setitem__(0, a[0].astype(np.float64)), TypeError, "x must have dtype float32"),
+        (
+            lambda a: a.__setitem__(0, a[0].astype(np.float64)),
+            TypeError,
+            "x must have dtype float32",
+        ),
         (lambda a: a.__setitem__(0, a[0].tolist()), TypeError, "x must be a NumPy array"),
-        (lambda a: a.__setitem__(1, a[1].astype(np.float16)), TypeError, "A must have dtype float32"),
+        (
+            lambda a: a.__setitem__(1, a[1].astype(np.float16)),
+            TypeError,
+            "A must have dtype float32",
+        ),
         (lambda a: a.__setitem__(1, a[1].astype(">f4")), TypeError, "native byte order"),
-        (lambda a: a.__setitem__(4, a[4].astype(np.float64)), TypeError, "out must have dtype float32"),
+        (
+            lambda a: a.__setitem__(4, a[4].astype(np.float64)),
+            TypeError,
+            "out must have dtype float32",
+        ),
         (lambda a: a.__setitem__(0, np.repeat(a[0], 2)[::2]), ValueError, "x must be C-contiguous"),
-        (lambda a: a.__setitem__(2, np.asfortranarray(np.repeat(a[2], 2, axis=0))[::2]), ValueError,
-         "B must be C-contiguous"),
-        (lambda a: a.__setitem__(1, np.repeat(a[1], 2, axis=0)[::2]), ValueError,
-         r"A must be C- or F-contiguous"),
+        (
+            lambda a: a.__setitem__(2, np.asfortranarray(np.repeat(a[2], 2, axis=0))[::2]),
+            ValueError,
+            "B must be C-contiguous",
+        ),
+        (
+            lambda a: a.__setitem__(1, np.repeat(a[1], 2, axis=0)[::2]),
+            ValueError,
+            r"A must be C- or F-contiguous",
+        ),
         (lambda a: a.__setitem__(0, a[0][None, None]), ValueError, r"x must be 1-D or 2-D"),
         (lambda a: a.__setitem__(0, a[0][:-1]), ValueError, "x has 15 features"),
-        (lambda a: a.__setitem__(2, np.zeros((3, 8), np.float32)), ValueError, r"B must be \(r, out\)"),
+        (
+            lambda a: a.__setitem__(2, np.zeros((3, 8), np.float32)),
+            ValueError,
+            r"B must be \(r, out\)",
+        ),
         (lambda a: a.__setitem__(4, np.zeros(9, np.float32)), ValueError, "out has 9 columns"),
-        (lambda a: a.__setitem__(4, np.zeros((1, 8), np.float32)), ValueError, r"out must be \(out,\)"),
-        (lambda a: (a.__setitem__(1, np.zeros((16, 0), np.float32)),
-                    a.__setitem__(2, np.zeros((0, 8), np.float32))), ValueError, "unsupported rank 0"),
+        (
+            lambda a: a.__setitem__(4, np.zeros((1, 8), np.float32)),
+            ValueError,
+            r"out must be \(out,\)",
+        ),
+        (
+            lambda a: (
+                a.__setitem__(1, np.zeros((16, 0), np.float32)),
+                a.__setitem__(2, np.zeros((0, 8), np.float32)),
+            ),
+            ValueError,
+            "unsupported rank 0",
+        ),
         (lambda a: a.__setitem__(3, "half"), TypeError, "scaling must be a real number"),
         (lambda a: a[4].setflags(write=False), ValueError, "out is read-only"),
     ],
@@ -343,15 +399,22 @@ def test_forward_add_rejects(change, exc, match):
 def test_forward_add_rejects_batch_row_mismatch():
     rng = np.random.default_rng(6)
     x, A, B = f32(rng, 3, 16), f32(rng, 16, 2), f32(rng, 2, 8)
-    _untouched(native.lora_forward_add, [x, A, B, 1.0, np.zeros((4, 8), np.float32)], 4, ValueError,
-               "x has 3 rows but out has 4")
+    _untouched(
+        native.lora_forward_add,
+        [x, A, B, 1.0, np.zeros((4, 8), np.float32)],
+        4,
+        ValueError,
+        "x has 3 rows but out has 4",
+    )
 
 
 def test_forward_add_rejects_overlap():
     rng = np.random.default_rng(7)
     buf = f32(rng, 32)
     A, B = f32(rng, 16, 2), f32(rng, 2, 16)
-    _untouched(native.lora_forward_add, [buf[:16], A, B, 1.0, buf[8:24]], 4, ValueError, "out overlaps x")
+    _untouched(
+        native.lora_forward_add, [buf[:16], A, B, 1.0, buf[8:24]], 4, ValueError, "out overlaps x"
+    )
 
 
 def test_unaligned_input_rejected():
@@ -359,8 +422,13 @@ def test_unaligned_input_rejected():
     x = raw[1:].view(np.float32)
     assert not x.flags.aligned
     rng = np.random.default_rng(8)
-    _untouched(native.lora_forward_add, [x, f32(rng, 16, 2), f32(rng, 2, 8), 1.0, np.zeros(8, np.float32)],
-               4, ValueError, "not aligned")
+    _untouched(
+        native.lora_forward_add,
+        [x, f32(rng, 16, 2), f32(rng, 2, 8), 1.0, np.zeros(8, np.float32)],
+        4,
+        ValueError,
+        "not aligned",
+    )
 
 
 def test_accumulate_rejects():
@@ -368,22 +436,61 @@ def test_accumulate_rejects():
     x, g, A, B = f32(rng, 16), f32(rng, 8), f32(rng, 16, 2), f32(rng, 2, 8)
     gA, gB = np.zeros((16, 2), np.float32), np.zeros((2, 8), np.float32)
     op = native.lora_accumulate
-    _untouched(op, [x, g, A, B, 1.0, 1.0, np.zeros((16, 3), np.float32), gB], 7, ValueError, "gA must have A's shape")
-    _untouched(op, [x, g, A, B, 1.0, 1.0, gA, np.zeros((2, 9), np.float32)], 6, ValueError, "gB must have B's shape")
-    _untouched(op, [x, f32(rng, 9), A, B, 1.0, 1.0, gA, gB], 6, ValueError, "grad_out has 9 columns")
-    _untouched(op, [x, g.astype(np.float64), A, B, 1.0, 1.0, gA, gB], 6, TypeError, "grad_out must have dtype float32")
+    _untouched(
+        op,
+        [x, g, A, B, 1.0, 1.0, np.zeros((16, 3), np.float32), gB],
+        7,
+        ValueError,
+        "gA must have A's shape",
+    )
+    _untouched(
+        op,
+        [x, g, A, B, 1.0, 1.0, gA, np.zeros((2, 9), np.float32)],
+        6,
+        ValueError,
+        "gB must have B's shape",
+    )
+    _untouched(
+        op, [x, f32(rng, 9), A, B, 1.0, 1.0, gA, gB], 6, ValueError, "grad_out has 9 columns"
+    )
+    _untouched(
+        op,
+        [x, g.astype(np.float64), A, B, 1.0, 1.0, gA, gB],
+        6,
+        TypeError,
+        "grad_out must have dtype float32",
+    )
     _untouched(op, [x, g, A, B, 1.0, None, gA, gB], 6, TypeError, "reward must be a real number")
     _untouched(op, [x, g, A, B, 1.0, 1.0, gA, B], 6, ValueError, "gB overlaps B")
-    _untouched(op, [f32(rng, 2, 16), g, A, B, 1.0, 1.0, gA, gB], 6, ValueError, r"grad_out must be \(n, out\)")
+    _untouched(
+        op,
+        [f32(rng, 2, 16), g, A, B, 1.0, 1.0, gA, gB],
+        6,
+        ValueError,
+        r"grad_out must be \(n, out\)",
+    )
 
 
 def test_apply_rejects():
     rng = np.random.default_rng(10)
     p = f32(rng, 4, 3)
-    _untouched(native.lora_apply, [p, f32(rng, 3, 4), 0.1], 0, ValueError, "grad must have param's shape")
-    _untouched(native.lora_apply, [p, np.asfortranarray(f32(rng, 4, 3)), 0.1], 0, ValueError,
-               "must both be C-contiguous")
-    _untouched(native.lora_apply, [p, f32(rng, 4, 3).astype(np.float64), 0.1], 0, TypeError, "grad must have dtype")
+    _untouched(
+        native.lora_apply, [p, f32(rng, 3, 4), 0.1], 0, ValueError, "grad must have param's shape"
+    )
+    _untouched(
+        native.lora_apply,
+        [p, np.asfortranarray(f32(rng, 4, 3)), 0.1],
+        0,
+        ValueError,
+        "must both be C-contiguous",
+    )
+    _untouched(
+        native.lora_apply,
+        [p, f32(rng, 4, 3).astype(np.float64), 0.1],
+        0,
+        TypeError,
+        "grad must have dtype",
+    )
     _untouched(native.lora_apply, [p, p, 0.1], 0, ValueError, "param overlaps grad")
     ro = f32(rng, 4, 3)
     ro.flags.writeable = False
@@ -394,17 +501,37 @@ def test_apply_ewc_rejects():
     rng = np.random.default_rng(11)
     p, g, F, o = (f32(rng, 6) for _ in range(4))
     op = native.lora_apply_ewc
-    _untouched(op, [p, g, 1.0, 0.1, 1.0, f32(rng, 5), o, 0.9, True, True], 0, ValueError,
-               "fisher must have param's shape")
-    _untouched(op, [p, g, 1.0, 0.1, 1.0, F, o.astype(np.float64), 0.9, True, True], 0, TypeError,
-               "optimal must have dtype float32")
-    _untouched(op, [p, g, 1.0, 0.1, 1.0, F, F, 0.9, True, True], 0, ValueError, "fisher overlaps optimal")
-    _untouched(op, [p, g, 1.0, "x", 1.0, F, o, 0.9, True, True], 0, TypeError, "lr must be a real number")
+    _untouched(
+        op,
+        [p, g, 1.0, 0.1, 1.0, f32(rng, 5), o, 0.9, True, True],
+        0,
+        ValueError,
+        "fisher must have param's shape",
+    )
+    _untouched(
+        op,
+        [p, g, 1.0, 0.1, 1.0, F, o.astype(np.float64), 0.9, True, True],
+        0,
+        TypeError,
+        "optimal must have dtype float32",
+    )
+    _untouched(
+        op, [p, g, 1.0, 0.1, 1.0, F, F, 0.9, True, True], 0, ValueError, "fisher overlaps optimal"
+    )
+    _untouched(
+        op, [p, g, 1.0, "x", 1.0, F, o, 0.9, True, True], 0, TypeError, "lr must be a real number"
+    )
 
 
 def _batched_args(rng, n=5, m=3, in_f=16, r=2, out_f=8):
-    return [f32(rng, n, in_f), f32(rng, m, in_f, r), f32(rng, m, r, out_f), 0.5,
-            np.array([0, 2, 1, 2, 0], np.int64), np.zeros((n, out_f), np.float32)]
+    return [
+        f32(rng, n, in_f),
+        f32(rng, m, in_f, r),
+        f32(rng, m, r, out_f),
+        0.5,
+        np.array([0, 2, 1, 2, 0], np.int64),
+        np.zeros((n, out_f), np.float32),
+    ]
 
 
 @pytest.mark.parametrize("bad,pos", [(3, 2), (-1, 0), (10**12, 4)])
@@ -412,8 +539,13 @@ def _batched_args(rng, n=5, m=3, in_f=16, r=2, out_f=8):
 def test_batched_index_out_of_range(bad, pos, path):
     args = _batched_args(np.random.default_rng(12))
     args[4][pos] = bad
-    _untouched(PATHS[path]["lora_forward_add_batched"], args, 5, ValueError,
-               rf"idx\[{pos}\] = {bad} is out of range for 3 adapters")
+    _untouched(
+        PATHS[path]["lora_forward_add_batched"],
+        args,
+        5,
+        ValueError,
+        rf"idx\[{pos}\] = {bad} is out of range for 3 adapters",
+    )
 
 
 def test_batched_rejects():
@@ -461,10 +593,27 @@ def test_triplet_rejects():
     _untouched(op, [x, A, f32(rng, 3), B, 1.0, out], 5, ValueError, r"E must be \(r,\) or \(r, 1\)")
     _untouched(op, [x, A, E, f32(rng, 8, 5), 1.0, out], 5, ValueError, r"B must be \(out, r\)")
     _untouched(op, [f32(rng, 15), A, E, B, 1.0, out], 5, ValueError, "x has 15 features")
-    _untouched(op, [x, np.asfortranarray(f32(rng, 4, 16)), E, B, 1.0, out], 5, ValueError,
-               "A must be C-contiguous")
-    _untouched(op, [x, np.zeros((0, 16), np.float32), np.zeros(0, np.float32), np.zeros((8, 0), np.float32),
-                    1.0, out], 5, ValueError, "unsupported rank 0")
+    _untouched(
+        op,
+        [x, np.asfortranarray(f32(rng, 4, 16)), E, B, 1.0, out],
+        5,
+        ValueError,
+        "A must be C-contiguous",
+    )
+    _untouched(
+        op,
+        [
+            x,
+            np.zeros((0, 16), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros((8, 0), np.float32),
+            1.0,
+            out,
+        ],
+        5,
+        ValueError,
+        "unsupported rank 0",
+    )
 
 
 def test_subclass_takes_checked_path():
@@ -489,8 +638,14 @@ def test_backend_registers_ops():
 
     be = get_backend("native")
     assert be.name == "native" and isinstance(be, NumpyBackend)
-    assert set(be.ops) == {"lora_forward_add", "lora_accumulate", "lora_apply", "lora_apply_ewc",
-                           "lora_forward_add_batched", "triplet_forward_add"}
+    assert set(be.ops) == {
+        "lora_forward_add",
+        "lora_accumulate",
+        "lora_apply",
+        "lora_apply_ewc",
+        "lora_forward_add_batched",
+        "triplet_forward_add",
+    }
     assert be.op("lora_forward_add", None) is native.lora_forward_add
     assert isinstance(be.zeros((2,)), np.ndarray)
 
@@ -514,14 +669,36 @@ def test_fast_path_takes_the_common_cases():
     g, gA, gB = f32(rng, 3, 32), np.zeros_like(A), np.zeros_like(B)
     assert native._py_accumulate(id(x), id(g), id(A), id(B), 1.0, 1.0, id(gA), id(gB)) == 0
     assert native._py_apply(id(A), id(gA), 0.1) == 0
-    assert native._py_apply_ewc(id(A), id(gA), 1.0, 0.1, 1.0, id(np.zeros_like(A)), id(A.copy()),
-                                0.9, 1, 1) == 0
+    assert (
+        native._py_apply_ewc(
+            id(A), id(gA), 1.0, 0.1, 1.0, id(np.zeros_like(A)), id(A.copy()), 0.9, 1, 1
+        )
+        == 0
+    )
     As, Bs, idx = f32(rng, 4, 64, 2), f32(rng, 4, 2, 32), np.array([3, 0, 1], np.int64)
     assert native._py_batched(id(x), id(As), id(Bs), 0.5, 0, id(idx), id(out)) == -1
     idx[1] = 4
     assert native._py_batched(id(x), id(As), id(Bs), 0.5, 0, id(idx), id(out)) == 1
     At, E, Bt = f32(rng, 5, 64), f32(rng, 5, 1), f32(rng, 32, 5)
     assert native._py_triplet(id(x), id(At), id(E), id(Bt), 0.5, id(out)) == 0
+    # the argument-tuple entry points (what the public ops call first)
+    F, opt = np.zeros_like(A), A.copy()
+    idx[1] = 2
+    for fn, t, done in [
+        (native._pyt_forward_add, (x, A, B, 0.5, out), 0),
+        (native._pyt_accumulate, (x, g, A, B, 1.0, 0.5, gA, gB), 0),
+        (native._pyt_apply, (A, gA, 0.1), 0),
+        (native._pyt_apply_ewc, (A, gA, 1.0, 0.1, 1.0, F, opt, 0.9, True, False), 0),
+        (native._pyt_batched, (x, As, Bs, 0.5, idx, out), -1),
+        (native._pyt_batched, (x, As, Bs, np.ones(4, np.float32), idx, out), -1),
+        (native._pyt_triplet, (x, At, E, Bt, 0.5, out), 0),
+    ]:
+        assert fn(id(t)) == done, fn
+    # anything but exact floats and True/False is left to the per-argument path
+    for t in [(x, A, B, 1, out), (x, A, B, np.float32(0.5), out), (x, A, B, 0.5)]:
+        assert native._pyt_forward_add(id(t)) == 1
+    t = (A, gA, 1.0, 0.1, 1.0, F, opt, 0.9, 1, True)
+    assert native._pyt_apply_ewc(id(t)) == 1
 
 
 @pytest.mark.skipif(not native.info()["fast_path"], reason="object-address fast path is off here")
@@ -555,12 +732,22 @@ def _run(env_value, code):
     env = dict(os.environ)
     env.pop("ADALORA_BACKEND", None)
     env["ADALORA_NATIVE"] = env_value
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_env_off():
-    r = _run("0", "from adalora_core.backends import native, get_backend;"
-                  "print(native.is_available(), native.info()['reason'], get_backend().name)")
+    r = _run(
+        "0",
+        "from adalora_core.backends import native, get_backend;"
+        "print(native.is_available(), native.info()['reason'], get_backend().name)",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "False" and "ADALORA_NATIVE=0" in r.stdout
     assert r.stdout.split()[-1] == "numpy"
@@ -579,8 +766,11 @@ def test_env_force_missing_path_is_an_error():
     r = _run(missing[0], "from adalora_core.backends import native; native.is_available()")
     assert r.returncode != 0
     assert f"ADALORA_NATIVE={missing[0]}" in r.stderr and "lacks" in r.stderr
-    r = _run(missing[0], "from adalora_core.backends import native; i = native.info();"
-                         "print(i['available'], i['reason'])")
+    r = _run(
+        missing[0],
+        "from adalora_core.backends import native; i = native.info();"
+        "print(i['available'], i['reason'])",
+    )
     assert r.returncode == 0 and r.stdout.startswith("False")
 
 

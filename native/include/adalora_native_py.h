@@ -40,11 +40,20 @@ typedef struct adl_pylayout {
     intptr_t ndarray_type; /* id(numpy.ndarray) */
     intptr_t f32_descr;    /* id(numpy.dtype(numpy.float32)) */
     intptr_t i64_descr;    /* id(numpy.dtype(numpy.int64)) */
+    /* argument tuples (adl_pyt_*): */
+    int64_t off_tuple_size;  /* PyVarObject.ob_size */
+    int64_t off_tuple_items; /* PyTupleObject.ob_item */
+    int64_t off_float_value; /* PyFloatObject.ob_fval */
+    intptr_t tuple_type, float_type, true_obj, false_obj;
 } adl_pylayout;
 
 /* Install the layout (copied). Returns 0. Call with the GIL held, before any
  * other adl_py_ function. enable = 0 turns the fast path off. */
 int adl_py_init(const adl_pylayout *layout, int enable);
+
+/* Reads item i of tuple `obj` (its address) into *item, a float's value
+ * into *value (NaN if not an exact float): for the import-time check. */
+void adl_py_probe_tuple(intptr_t obj, int64_t i, int64_t *item, double *value);
 
 /* Reads the header of array `obj` with the installed layout into
  * out[0..8] = data, nd, dim0, dim1, stride0, stride1, descr, flags, type
@@ -72,6 +81,17 @@ int64_t adl_py_forward_add_batched(intptr_t x, intptr_t A_stack,
 /* out += s * B @ (E * (A @ x)) per row */
 int adl_py_triplet_forward_add(intptr_t x, intptr_t A, intptr_t E, intptr_t B,
                                double s, intptr_t out);
+
+/* The same operations with all arguments in one tuple (its address), in
+ * the order of the functions above (scalars must be exact Python floats,
+ * flags True/False): one argument to convert instead of up to ten. Same
+ * return values; ADL_PY_DECLINED (batched: -2) also for any other scalar. */
+int adl_pyt_forward_add(intptr_t args);
+int adl_pyt_accumulate(intptr_t args);
+int adl_pyt_apply(intptr_t args);
+int adl_pyt_apply_ewc(intptr_t args);
+int64_t adl_pyt_forward_add_batched(intptr_t args);
+int adl_pyt_triplet_forward_add(intptr_t args);
 
 #ifdef __cplusplus
 }

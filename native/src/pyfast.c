@@ -13,6 +13,7 @@
  * ownership); a shape change from another thread during the call can only
  * swap in an equal-sized shape.
  */
+#include <math.h>
 #include <string.h>
 
 #include "adalora_native_py.h"
@@ -280,4 +281,101 @@ int adl_py_triplet_forward_add(intptr_t xo, intptr_t Ao, intptr_t Eo,
                                   r, (const float *)B.data, out_f, (float)s,
                                   (float *)o.data);
     return ADL_PY_DONE;
+}
+
+/* ---- argument tuples ------------------------------------------------------ */
+
+/* The n items of tuple t, or 0 if t is not an exact tuple of n items. */
+static int items(intptr_t t, int64_t n, intptr_t *out) {
+    const char *o = (const char *)t;
+    if (!g_enabled || o == NULL || rd_ptr(o, L.off_type) != L.tuple_type)
+        return 0;
+    intptr_t size;
+    memcpy(&size, o + L.off_tuple_size, sizeof size);
+    if ((int64_t)size != n)
+        return 0;
+    memcpy(out, o + L.off_tuple_items, (size_t)n * sizeof *out);
+    return 1;
+}
+
+/* An exact Python float's value. */
+static int fval(intptr_t obj, double *v) {
+    const char *o = (const char *)obj;
+    if (rd_ptr(o, L.off_type) != L.float_type)
+        return 0;
+    memcpy(v, o + L.off_float_value, sizeof *v);
+    return 1;
+}
+
+/* True / False only. */
+static int bval(intptr_t obj, int *v) {
+    if (obj == L.true_obj)
+        *v = 1;
+    else if (obj == L.false_obj)
+        *v = 0;
+    else
+        return 0;
+    return 1;
+}
+
+void adl_py_probe_tuple(intptr_t obj, int64_t i, int64_t *item, double *value) {
+    const char *o = (const char *)obj;
+    intptr_t it;
+    memcpy(&it, o + L.off_tuple_items + i * (int64_t)sizeof it, sizeof it);
+    *item = (int64_t)it;
+    double v = 0.0;
+    *value = fval(it, &v) ? v : NAN;
+}
+
+int adl_pyt_forward_add(intptr_t t) {
+    intptr_t a[5];
+    double s;
+    if (!items(t, 5, a) || !fval(a[3], &s))
+        return ADL_PY_DECLINED;
+    return adl_py_forward_add(a[0], a[1], a[2], s, a[4]);
+}
+
+int adl_pyt_accumulate(intptr_t t) {
+    intptr_t a[8];
+    double s, reward;
+    if (!items(t, 8, a) || !fval(a[4], &s) || !fval(a[5], &reward))
+        return ADL_PY_DECLINED;
+    return adl_py_accumulate(a[0], a[1], a[2], a[3], s, reward, a[6], a[7]);
+}
+
+int adl_pyt_apply(intptr_t t) {
+    intptr_t a[3];
+    double lr;
+    if (!items(t, 3, a) || !fval(a[2], &lr))
+        return ADL_PY_DECLINED;
+    return adl_py_apply(a[0], a[1], lr);
+}
+
+int adl_pyt_apply_ewc(intptr_t t) {
+    intptr_t a[10];
+    double inv, lr, lam, decay;
+    int proximal, update;
+    if (!items(t, 10, a) || !fval(a[2], &inv) || !fval(a[3], &lr) ||
+        !fval(a[4], &lam) || !fval(a[7], &decay) || !bval(a[8], &proximal) ||
+        !bval(a[9], &update))
+        return ADL_PY_DECLINED;
+    return adl_py_apply_ewc(a[0], a[1], inv, lr, lam, a[5], a[6], decay, proximal,
+                            update);
+}
+
+int64_t adl_pyt_forward_add_batched(intptr_t t) {
+    intptr_t a[6];
+    double s = 0.0;
+    if (!items(t, 6, a))
+        return -2;
+    const intptr_t scales = fval(a[3], &s) ? 0 : a[3]; /* else: an (m,) array */
+    return adl_py_forward_add_batched(a[0], a[1], a[2], s, scales, a[4], a[5]);
+}
+
+int adl_pyt_triplet_forward_add(intptr_t t) {
+    intptr_t a[6];
+    double s;
+    if (!items(t, 6, a) || !fval(a[4], &s))
+        return ADL_PY_DECLINED;
+    return adl_py_triplet_forward_add(a[0], a[1], a[2], a[3], s, a[5]);
 }

@@ -494,7 +494,30 @@ typedef struct {
     intptr_t dimbuf[3], stridebuf[3];
 } fakearr;
 
-static char g_type_tag, g_f32_tag, g_i64_tag, g_other_tag;
+static char g_type_tag, g_f32_tag, g_i64_tag, g_other_tag, g_tuple_tag, g_float_tag;
+static char g_true, g_false;
+
+typedef struct {
+    intptr_t refcnt, type, size;
+    intptr_t items[10];
+} faketuple;
+typedef struct {
+    intptr_t refcnt, type;
+    double value;
+} fakefloat;
+
+static faketuple tup(int n, const intptr_t *items) {
+    faketuple t;
+    memset(&t, 0, sizeof t);
+    t.type = (intptr_t)&g_tuple_tag;
+    t.size = n;
+    memcpy(t.items, items, (size_t)n * sizeof *items);
+    return t;
+}
+static fakefloat flt(double v) {
+    fakefloat f = {0, (intptr_t)&g_float_tag, v};
+    return f;
+}
 enum { FC = 1, FF = 2, FAL = 0x100, FW = 0x400 };
 
 static fakearr fake(void *data, int nd, size_t d0, size_t d1, size_t d2, intptr_t descr) {
@@ -533,6 +556,13 @@ static void test_pyfast(void) {
     L.ndarray_type = (intptr_t)&g_type_tag;
     L.f32_descr = (intptr_t)&g_f32_tag;
     L.i64_descr = (intptr_t)&g_i64_tag;
+    L.off_tuple_size = offsetof(faketuple, size);
+    L.off_tuple_items = offsetof(faketuple, items);
+    L.off_float_value = offsetof(fakefloat, value);
+    L.tuple_type = (intptr_t)&g_tuple_tag;
+    L.float_type = (intptr_t)&g_float_tag;
+    L.true_obj = (intptr_t)&g_true;
+    L.false_obj = (intptr_t)&g_false;
     const intptr_t F32 = (intptr_t)&g_f32_tag, I64 = (intptr_t)&g_i64_tag;
     const size_t n = 3, in = 17, r = 2, out_f = 9;
     buf x = balloc(n * in, 1), A = balloc(in * r, 0), B = balloc(r * out_f, 1);
@@ -633,6 +663,58 @@ static void test_pyfast(void) {
     fidx.descr = F32;
     check(adl_py_forward_add_batched(ID(fx), ID(fAs), ID(fBs), 0.5, 0, ID(fidx), ID(fob)) == -2,
           "pyfast batched declines non-int64 idx");
+
+    /* the same through argument tuples */
+    {
+        memcpy(o2.p, o.p, n * out_f * sizeof(float));
+        fakefloat half = flt(0.5);
+        const intptr_t it[5] = {ID(fx), ID(fA), ID(fB), (intptr_t)&half, ID(fo)};
+        faketuple t = tup(5, it);
+        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DONE, "tuple forward done");
+        adl_lora_forward_add(x.p, n, in, A.p, ADL_ROW_MAJOR, r, B.p, out_f, 0.5f, o2.p);
+        check(memcmp(o.p, o2.p, n * out_f * sizeof(float)) == 0, "tuple forward == direct call");
+        fakefloat notfloat = flt(0.5);
+        notfloat.type = (intptr_t)&g_other_tag;
+        t.items[3] = (intptr_t)&notfloat; /* not a float */
+        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines non-float");
+        t = tup(4, it);
+        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines wrong length");
+        t = tup(5, it);
+        t.type = (intptr_t)&g_other_tag;
+        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines non-tuple");
+        int64_t item;
+        double v;
+        t = tup(5, it);
+        adl_py_probe_tuple((intptr_t)&t, 3, &item, &v);
+        check(item == (int64_t)(intptr_t)&half && v == 0.5, "tuple probe");
+
+        fakefloat one = flt(1.0), lr = flt(0.1), lam = flt(1.0), dec = flt(0.9), sc = flt(0.5),
+                  rw = flt(-2.0);
+        const intptr_t ia[8] = {ID(fx), ID(fg), ID(fA), ID(fB), (intptr_t)&sc, (intptr_t)&rw,
+                                ID(fgA), ID(fgB)};
+        t = tup(8, ia);
+        check(adl_pyt_accumulate((intptr_t)&t) == ADL_PY_DONE, "tuple accumulate done");
+        const intptr_t ie[10] = {ID(fp), ID(fgq), (intptr_t)&one, (intptr_t)&lr, (intptr_t)&lam,
+                                 ID(fF), ID(fopt), (intptr_t)&dec, (intptr_t)&g_true,
+                                 (intptr_t)&g_false};
+        t = tup(10, ie);
+        check(adl_pyt_apply_ewc((intptr_t)&t) == ADL_PY_DONE, "tuple apply_ewc done");
+        t.items[8] = (intptr_t)&one; /* not True/False */
+        check(adl_pyt_apply_ewc((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines non-bool flag");
+        const intptr_t ip[3] = {ID(fp), ID(fgq), (intptr_t)&lr};
+        t = tup(3, ip);
+        check(adl_pyt_apply((intptr_t)&t) == ADL_PY_DONE, "tuple apply done");
+        const intptr_t itr[6] = {ID(fx), ID(fAt), ID(fE), ID(fBt), (intptr_t)&sc, ID(fot)};
+        t = tup(6, itr);
+        check(adl_pyt_triplet_forward_add((intptr_t)&t) == ADL_PY_DONE, "tuple triplet done");
+        fidx.descr = I64;
+        idx[2] = 0;
+        const intptr_t ib[6] = {ID(fx), ID(fAs), ID(fBs), (intptr_t)&sc, ID(fidx), ID(fob)};
+        t = tup(6, ib);
+        check(adl_pyt_forward_add_batched((intptr_t)&t) == -1, "tuple batched done");
+        idx[0] = -5;
+        check(adl_pyt_forward_add_batched((intptr_t)&t) == 0, "tuple batched bad position");
+    }
     adl_py_init(NULL, 0);
 
     bfree(x), bfree(A), bfree(B), bfree(o), bfree(o2), bfree(g), bfree(gA), bfree(gB);
