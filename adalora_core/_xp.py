@@ -26,6 +26,7 @@ __all__ = [
     "from_numpy",
     "is_floating",
     "library_name",
+    "host_np",
 ]
 
 
@@ -85,6 +86,5 @@ def from_numpy(a: Any, like: Any) -> Array:
     return xp.asarray(a, device=device(like))
 
 
-def as_numpy_namespace() -> Any:
-    """NumPy through the compat layer, for conformance and checkpoint code."""
-    return array_namespace(_np.empty(0))
+# Host-side NumPy for I/O (safetensors speaks NumPy); algorithms never use it.
+host_np = _np
