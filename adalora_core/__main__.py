@@ -48,13 +48,7 @@ def _info(args: argparse.Namespace) -> int:
         except (ValueError, ImportError, RuntimeError) as exc:
             print(f"  {name:17s} unavailable: {str(exc).splitlines()[0]}")
             continue
-        extra = ""
-        if name == "torch":
-            import torch
-
-            cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            extra = f" torch {torch.__version__}; cuda devices: {cuda or 'none'}"
-        print(f"  {name:17s} available, device {be.device}{extra}")
+        print(f"  {name:17s} available: {be.describe()}")
     info = native_info()
     print("native: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"default backend for NumPy arrays: {get_backend(None).name}")

@@ -58,6 +58,11 @@ class Backend:
     def rng(self, seed: int | None = None) -> Rng:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """One line for ``python -m adalora_core info``: library version and devices."""
+        version = getattr(self.xp, "__version__", None) or getattr(self.xp, "__array_api_version__", "?")
+        return f"{self.name} (array API {version}), device {self.device}"
+
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on CPU libraries); used by benchmarks."""
 

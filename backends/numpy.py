@@ -23,5 +23,8 @@ class NumpyBackend(Backend):
     def to_numpy(self, x):
         return np.asarray(x)
 
+    def describe(self):
+        return f"numpy {np.__version__}, device cpu"
+
     def rng(self, seed=None):
         return NumpyRng(seed, lambda a, dtype: np.asarray(a, dtype=self.dtype(dtype)))

@@ -58,6 +58,10 @@ class TorchBackend(Backend):
     def rng(self, seed=None):
         return TorchRng(seed, self.device)
 
+    def describe(self):
+        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"torch {torch.__version__}, device {self.device}; CUDA devices: {cuda or 'none'}"
+
     def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,0 +1,22 @@
+"""Shared fixtures: every backend available here, including array-api-strict's fake second device."""
+
+from __future__ import annotations
+
+import pytest
+
+from adalora_core.backends import get_backend
+
+BACKEND_SPECS = ["numpy", "native", "array_api_strict", "array_api_strict:device1", "torch"]
+
+
+def make_backend(spec: str):
+    name, _, device = spec.partition(":")
+    try:
+        return get_backend(name, device=device or None)
+    except ValueError as exc:
+        pytest.skip(f"backend {spec} unavailable: {exc}")
+
+
+@pytest.fixture(params=BACKEND_SPECS)
+def backend(request):
+    return make_backend(request.param)
