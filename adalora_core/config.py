@@ -150,3 +150,189 @@ class AdaLoraConfig:
 
 
 __all__ = ["AdaLoraConfig", "check_float", "check_int"]
+
+
+# ---------------------------------------------------------------------------
+# MicroLoRA and EWC++
+# ---------------------------------------------------------------------------
+
+#: Module names MicroLoRA knows (transformer projections, embeddings, LM head).
+KNOWN_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj",
+    "gate_proj", "up_proj", "down_proj",
+    "embed_tokens", "lm_head",
+)
+
+MICROLORA_INITS = ("kaiming", "deterministic")
+
+
+def _module_name(name: str, value: Any) -> None:
+    if not isinstance(value, str) or value not in KNOWN_MODULES:
+        _fail(name, value, f"must be one of the known modules {list(KNOWN_MODULES)}")
+
+
+@dataclass(frozen=True)
+class MicroLoraConfig:
+    """Rank-1/2 adapters for per-request adaptation (``shared/spec/MICROLORA.md``).
+
+    ``rank`` must be 1 or 2: the original silently clamped other values; here
+    they are an error (use :class:`adalora_core.lora.LoraAdapter` for any rank).
+    ``module_dims`` maps a module name to its ``(in_features, out_features)``
+    when it differs from the defaults. ``init`` is ``"kaiming"`` (A uniform in
+    ``±sqrt(2/in)`` from the seeded generator) or ``"deterministic"`` (the
+    golden-ratio init). ``dropout`` is applied to the input of ``adapt`` only
+    (the gradient step), never to the serving forward. A feedback without a
+    gradient estimate is an error unless ``allow_heuristic_gradient`` is set,
+    in which case the original's ``quality * 0.01`` stand-in is used, with a
+    warning: it carries no direction.
+    """
+
+    rank: int = 2
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] = ("q_proj", "v_proj")
+    in_features: int = 768
+    out_features: int = 768
+    module_dims: Mapping[str, Sequence[int]] | None = None
+    use_bias: bool = False
+    init: str = "kaiming"
+    allow_heuristic_gradient: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("rank", self.rank)
+        if self.rank not in (1, 2):
+            _fail("rank", self.rank, "MicroLoRA supports rank 1 or 2 (use lora.LoraAdapter for other ranks)")
+        check_float("alpha", self.alpha, 0.0, low_open=True)
+        check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        if not isinstance(targets, Sequence) or len(targets) == 0:
+            _fail("target_modules", self.target_modules, f"must be a non-empty list of {list(KNOWN_MODULES)}")
+        for t in targets:
+            _module_name("target_modules", t)
+        if len(set(targets)) != len(targets):
+            _fail("target_modules", self.target_modules, "must not repeat a module")
+        object.__setattr__(self, "target_modules", tuple(targets))
+        check_int("in_features", self.in_features, 1)
+        check_int("out_features", self.out_features, 1)
+        if self.module_dims is not None:
+            if not isinstance(self.module_dims, Mapping):
+                _fail("module_dims", self.module_dims, "must map a module name to (in_features, out_features)")
+            dims = {}
+            for k, v in self.module_dims.items():
+                _module_name("module_dims key", k)
+                if (not isinstance(v, Sequence) or len(v) != 2
+                        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in v)):
+                    _fail(f"module_dims[{k!r}]", v, "must be a pair (in_features, out_features) of ints >= 1")
+                dims[k] = (int(v[0]), int(v[1]))
+            object.__setattr__(self, "module_dims", dims)
+        if not isinstance(self.use_bias, bool):
+            _fail("use_bias", self.use_bias, "must be a bool")
+        if self.init not in MICROLORA_INITS:
+            _fail("init", self.init, f"must be one of {list(MICROLORA_INITS)}")
+        if not isinstance(self.allow_heuristic_gradient, bool):
+            _fail("allow_heuristic_gradient", self.allow_heuristic_gradient, "must be a bool")
+
+    @classmethod
+    def for_hidden_dim(cls, hidden_dim: int, **changes: Any) -> MicroLoraConfig:
+        """A config with ``in_features = out_features = hidden_dim``."""
+        return cls(in_features=hidden_dim, out_features=hidden_dim, **changes)
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``."""
+        return float(self.alpha) / self.rank
+
+    def dims(self, module: str) -> tuple[int, int]:
+        """``(in_features, out_features)`` of ``module``."""
+        if self.module_dims and module in self.module_dims:
+            d = self.module_dims[module]
+            return int(d[0]), int(d[1])
+        return self.in_features, self.out_features
+
+    def memory_bytes(self, itemsize: int = 4) -> int:
+        """Bytes of adapter parameters over all target modules (float32 by default)."""
+        total = 0
+        for m in self.target_modules:
+            i, o = self.dims(m)
+            total += i * self.rank + self.rank * o + (o if self.use_bias else 0)
+        return total * itemsize
+
+    def replace(self, **changes: Any) -> MicroLoraConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["target_modules"] = list(self.target_modules)
+        out["module_dims"] = None if self.module_dims is None else {k: list(v) for k, v in self.module_dims.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MicroLoraConfig:
+        """A config from :meth:`to_dict` output (unknown keys are an error: they mean another format)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MicroLoraConfig has no fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+EWC_MODES = ("ema", "window")
+EWC_UPDATES = ("proximal", "explicit")
+
+
+@dataclass(frozen=True)
+class EwcConfig:
+    """EWC++ (online Fisher) settings.
+
+    ``mode="ema"``: ``F = decay*F + (1-decay)*g**2`` on every update (the
+    original's form). ``mode="window"``: every ``window`` (K) updates,
+    ``F = alpha*(S/K) + (1-alpha)*F`` with ``S`` the sum of ``g**2`` since the
+    last fold (Chaudhry et al. 2018). ``g`` is the mean accumulated gradient of
+    an ``apply_updates`` call; ``update_fisher=False`` stops feeding it.
+    ``normalise_at_task_boundary`` min-max normalises F (per matrix) when a new
+    task starts. ``update`` is the step used with the penalty: ``"proximal"``
+    (stable for any ``lr*lam*F``) or ``"explicit"`` (the original's; diverges
+    when ``lr*lam*F >= 2``). ``lam`` is the default penalty strength.
+    """
+
+    decay: float = 0.999
+    mode: str = "ema"
+    window: int = 10
+    alpha: float = 0.5
+    normalise_at_task_boundary: bool = False
+    update: str = "proximal"
+    lam: float = 1.0
+    update_fisher: bool = True
+
+    def __post_init__(self) -> None:
+        check_float("decay", self.decay, 0.0, 1.0, high_open=True)
+        if self.mode not in EWC_MODES:
+            _fail("mode", self.mode, f"must be one of {list(EWC_MODES)}")
+        check_int("window", self.window, 1)
+        check_float("alpha", self.alpha, 0.0, 1.0, low_open=True)
+        if not isinstance(self.normalise_at_task_boundary, bool):
+            _fail("normalise_at_task_boundary", self.normalise_at_task_boundary, "must be a bool")
+        if self.update not in EWC_UPDATES:
+            _fail("update", self.update, f"must be one of {list(EWC_UPDATES)}")
+        check_float("lam", self.lam, 0.0)
+        if not isinstance(self.update_fisher, bool):
+            _fail("update_fisher", self.update_fisher, "must be a bool")
+
+    def replace(self, **changes: Any) -> EwcConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EwcConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"EwcConfig has no fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
+__all__ += ["EwcConfig", "KNOWN_MODULES", "MicroLoraConfig"]
