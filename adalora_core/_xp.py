@@ -11,7 +11,7 @@ from typing import Any
 
 import array_api_compat
 import numpy as _np
-from array_api_compat import array_namespace, device, is_array_api_obj, to_device
+from array_api_compat import array_namespace, device
 
 Array = Any  # any Array API array; the standard defines no nominal type
 
@@ -19,12 +19,8 @@ __all__ = [
     "Array",
     "array_namespace",
     "device",
-    "is_array_api_obj",
     "namespace",
-    "to_device",
     "to_numpy",
-    "from_numpy",
-    "is_floating",
     "library_name",
     "host_np",
 ]
@@ -57,10 +53,6 @@ def library_name(xp: Any) -> str:
     return getattr(xp, "__name__", repr(xp))
 
 
-def is_floating(xp: Any, dtype: Any) -> bool:
-    return bool(xp.isdtype(dtype, "real floating"))
-
-
 def to_numpy(x: Array) -> Any:
     """A host NumPy copy (or view) of ``x``, whatever library it lives in."""
     if isinstance(x, _np.ndarray):
@@ -75,17 +67,6 @@ def to_numpy(x: Array) -> Any:
     if array_api_compat.is_array_api_strict_namespace(array_namespace(x)):
         x = x.to_device(type(x.device)("CPU_DEVICE"))  # its fake devices refuse NumPy conversion
     return _np.asarray(x)
-
-
-def from_numpy(a: Any, like: Any) -> Array:
-    """``a`` (a NumPy array) as an array of namespace ``like`` on ``like``'s device.
-
-    ``like`` is an array or a Backend; a Backend knows its own conversion.
-    """
-    if hasattr(like, "asarray") and hasattr(like, "xp"):
-        return like.asarray(a)
-    xp = namespace(like)
-    return xp.asarray(a, device=device(like))
 
 
 # Host-side NumPy for I/O (safetensors speaks NumPy); algorithms never use it.
