@@ -1,0 +1,323 @@
+"""Torch layers that add AdaLoRA SVD triplets to an existing layer (wrap, don't inherit).
+
+An ``SVDLinear`` holds the original ``nn.Linear`` (or Hugging Face GPT-2
+``Conv1D``) as ``base_layer`` and, per adapter name, the trainable triplet
+``lora_A (r, in)``, ``lora_E (r, 1)``, ``lora_B (out, r)`` and the frozen
+``ranknum (1,)``, in ``nn.ParameterDict``s keyed by adapter name as PEFT does
+(state-dict keys ``...lora_A.default``). The forward is
+
+    result = base_layer(x)
+    result += triplet.forward(dropout(x), A, E, B, scaling, ranknum)
+
+with the core's op order, added in place so ``result`` keeps the base dtype.
+``SVDConv2d`` does the same for ``nn.Conv2d`` with PEFT's SVDConv2d semantics
+(``A (r, in_channels * kh * kw)``, the delta weight reshaped to the kernel).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adalora_core import triplet
+from adalora_core.backends import get_backend
+from adalora_core.config import AdaLoraConfig
+from adalora_core.random import init_triplet
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def conv1d_class() -> type | None:
+    """Hugging Face's GPT-2 ``Conv1D`` if transformers is installed (imported lazily)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is optional
+        return None
+    return Conv1D
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1d"``, ``"conv2d"`` for a layer we can adapt, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def check_supported(name: str, module: nn.Module) -> None:
+    """Raise a ValueError saying why ``module`` cannot carry an AdaLoRA triplet."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise ValueError(
+            f"target module {name!r} is a {type(module).__name__}, which AdaLoRA cannot adapt; supported "
+            "types are torch.nn.Linear, transformers' Conv1D and torch.nn.Conv2d (pick the linear "
+            "layers inside it with target_modules)"
+        )
+    if kind == "conv2d":
+        if module.groups != 1:
+            raise ValueError(f"target module {name!r} is a Conv2d with groups={module.groups}; only groups=1 "
+                             "is supported (the triplet's A has in_channels * kh * kw columns)")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"target module {name!r} is a Conv2d with padding_mode={module.padding_mode!r}; "
+                             "only 'zeros' is supported")
+        if isinstance(module.padding, str):
+            pass  # 'same' / 'valid' are handed to F.conv2d as they are
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.ndim not in (2, 4):
+        raise ValueError(f"target module {name!r} has no 2-d (or conv 4-d) weight")
+
+
+class SVDLayer(nn.Module):
+    """Common part of the SVD-triplet wrappers: the adapters, merge state and trainability."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_E")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # Registration order as PEFT's (A, B, then E, ranknum): state dicts list keys alike.
+        self.lora_A = nn.ParameterDict({})
+        self.lora_B = nn.ParameterDict({})
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_E = nn.ParameterDict({})
+        self.ranknum = nn.ParameterDict({})
+        self.r: dict[str, int] = {}
+        self.init_r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.fast_forward = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------- geometry
+
+    @property
+    def in_features(self) -> int:  # the triplet's `in` (A's columns)
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (PEFT's layers expose it too)."""
+        return self.base_layer.weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # ------------------------------------------------------------- adapters
+
+    def update_layer(self, adapter_name: str, r: int, config: AdaLoraConfig, *, trainable: bool,
+                     autocast_adapter_dtype: bool = True, init_r: int | None = None) -> None:
+        """Create (or replace) adapter ``adapter_name`` at rank ``r``.
+
+        The draws follow PEFT's ``update_layer`` on torch's default generator:
+        ``A = randn(r, in)``, ``E = randn(r, 1)``, ``B = randn(out, r)``,
+        ``ranknum = randn(1)`` filled with ``r``, then (``init_lora_weights``)
+        ``E = 0, A ~ N(0, .02), B ~ N(0, .02)``; then a cast to the base
+        weight's device and dtype, and back up to float32 for a float16/bfloat16
+        base (PEFT's ``autocast_adapter_dtype``), so A and B are rounded
+        through the base dtype exactly as PEFT's are. ``ranknum`` is
+        ``init_r`` (``r`` unless given): it never changes after pruning.
+        """
+        rng = get_backend("torch").rng(None)
+        dtype = torch.get_default_dtype()
+        (A, E, B), ranknum = init_triplet(rng, r, self.in_features, self.out_features, dtype=dtype,
+                                          init_lora_weights=config.init_lora_weights)
+        if init_r is not None and init_r != r:
+            ranknum = torch.full_like(ranknum, float(init_r))
+        weight = self.base_layer.weight
+        tensors = []
+        for t in (A, E, B, ranknum):
+            if weight.dtype.is_floating_point:
+                t = t.to(weight.device, dtype=weight.dtype)
+                if autocast_adapter_dtype and t.dtype in _LOW_PRECISION:
+                    t = t.to(torch.float32)
+            else:
+                t = t.to(weight.device)
+            tensors.append(t)
+        A, E, B, ranknum = tensors
+        self.lora_A[adapter_name] = nn.Parameter(A, requires_grad=trainable)
+        self.lora_B[adapter_name] = nn.Parameter(B, requires_grad=trainable)
+        self.lora_E[adapter_name] = nn.Parameter(E, requires_grad=trainable)
+        self.ranknum[adapter_name] = nn.Parameter(ranknum, requires_grad=False)
+        self.lora_dropout[adapter_name] = (nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0
+                                           else nn.Identity())
+        self.r[adapter_name] = r
+        self.init_r[adapter_name] = config.init_r if init_r is None else init_r
+        self.scaling[adapter_name] = config.scaling
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge() first")
+        for store in (self.lora_A, self.lora_B, self.lora_E, self.ranknum, self.lora_dropout):
+            if adapter_name in store:
+                del store[adapter_name]
+        for d in (self.r, self.init_r, self.scaling):
+            d.pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, names: Sequence[str]) -> None:
+        self.active_adapters = list(names)
+
+    def triplet(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
+
+    # --------------------------------------------------------------- forward
+
+    def _factor(self, name: str) -> torch.Tensor:
+        """``scaling / (ranknum + 1e-5)`` (only the fast forward uses it folded)."""
+        return self.scaling[name] / (self.ranknum[name] + triplet.EPS)
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            A = self.lora_A[name]
+            xa = x if x.dtype == A.dtype else x.to(A.dtype)
+            result += self._delta(self.lora_dropout[name](xa), name)
+        return result
+
+    # ----------------------------------------------------------------- merge
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Add the adapters' ``ΔW`` to the base weight (the active adapters by default).
+
+        Raises, with the weight unchanged, if the result would hold non-finite values.
+        """
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n in self.lora_A and n not in self.merged_adapters]
+        for name in names:
+            self._combine(name, +1)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract what :meth:`merge` added, last merged first."""
+        if not self.merged:
+            warnings.warn("already unmerged; nothing to do", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lora_A:
+                self._combine(name, -1)
+
+    def _combine(self, name: str, sign: int) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names())
+        return f"adapters=({ranks}), active={self.active_adapters}"
+
+
+class SVDLinear(SVDLayer):
+    """An SVD triplet on an ``nn.Linear`` or GPT-2 ``Conv1D`` (``fan_in_fan_out``: weight is ``(in, out)``)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        kind = layer_kind(base_layer)
+        if kind not in ("linear", "conv1d"):
+            raise ValueError(f"SVDLinear wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
+        self.fan_in_fan_out = kind == "conv1d"
+
+    @property
+    def in_features(self) -> int:
+        w = self.base_layer.weight
+        return int(w.shape[0] if self.fan_in_fan_out else w.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        w = self.base_layer.weight
+        return int(w.shape[1] if self.fan_in_fan_out else w.shape[0])
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        if self.fast_forward:
+            # Fold scaling / (ranknum + 1e-5) into E: one (r, 1) multiply instead of two passes
+            # over the (..., out) output. Not bit-exact; see docs/peft-differences.md.
+            return (x @ (A * (E * self._factor(name))).T) @ B.T
+        return triplet.forward(x, A, E, B, self.scaling[name], self.ranknum[name])
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        return triplet.delta_weight(A, E, B, self.scaling[name], self.ranknum[name], self.fan_in_fan_out)
+
+    def _combine(self, name: str, sign: int) -> None:
+        W = self.base_layer.weight
+        args = (*(t.detach() for t in self.triplet(name)), self.scaling[name], self.ranknum[name].detach(),
+                self.fan_in_fan_out)
+        with torch.no_grad():
+            new = triplet.merge(W.detach(), *args) if sign > 0 else triplet.unmerge(W.detach(), *args)
+            W.copy_(new)
+
+
+class SVDConv2d(SVDLayer):
+    """An SVD triplet on an ``nn.Conv2d`` (PEFT's SVDConv2d): ``ΔW = (B (A ⊙ E)).reshape(kernel)``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        check_supported(type(base_layer).__name__, base_layer)
+        super().__init__(base_layer)
+        self.fan_in_fan_out = False
+
+    @property
+    def in_features(self) -> int:
+        b = self.base_layer
+        return int(b.in_channels * b.kernel_size[0] * b.kernel_size[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base_layer.out_channels)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        shape = self.base_layer.weight.shape
+        if self.fast_forward:
+            return (B @ (A * (E * self._factor(name)))).reshape(shape)
+        return triplet.delta_weight(A, E, B, self.scaling[name], self.ranknum[name]).reshape(shape)
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        b = self.base_layer
+        return F.conv2d(x, self.get_delta_weight(name), stride=b.stride, padding=b.padding,
+                        dilation=b.dilation, groups=b.groups)
+
+    def _combine(self, name: str, sign: int) -> None:
+        W = self.base_layer.weight
+        flat = W.detach().reshape(W.shape[0], -1)
+        args = (*(t.detach() for t in self.triplet(name)), self.scaling[name], self.ranknum[name].detach())
+        with torch.no_grad():
+            new = triplet.merge(flat, *args) if sign > 0 else triplet.unmerge(flat, *args)
+            W.copy_(new.reshape(W.shape))
+
+
+def wrap(module: nn.Module) -> SVDLayer:
+    """The right SVD wrapper for ``module`` (already checked with :func:`check_supported`)."""
+    return SVDConv2d(module) if layer_kind(module) == "conv2d" else SVDLinear(module)

@@ -1,0 +1,550 @@
+"""``AdaLoraModel``: AdaLoRA on any torch module, numerically identical to PEFT.
+
+    model = get_adalora_model(torch_module, AdaLoraConfig(target_modules=[...], total_step=T))
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    for step, batch in enumerate(batches):
+        out = model(**batch)                    # called exactly like torch_module
+        loss = out.loss + model.orth_loss()     # the regulariser is returned, never added for you
+        loss.backward()
+        opt.step()
+        model.update_and_allocate(step)         # after opt.step(), before zero_grad()
+        opt.zero_grad()
+    model.save_pretrained("adapter")            # PEFT's directory layout
+
+The wrapper replaces each targeted layer by an :class:`~.layer.SVDLinear` /
+:class:`~.layer.SVDConv2d` holding the original layer as ``base_layer``; the
+adapters' parameters are named as PEFT names them (``...lora_A.default``).
+The allocator is the core's :class:`~adalora_core.RankAllocator`; this module
+only gathers the weights and gradients and copies the masked ``E`` back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from adalora_core.allocator import RankAllocator
+from adalora_core.checkpoint import load_adapter, load_arrays, read_adapter_config, save_adapter, save_arrays
+from adalora_core.config import AdaLoraConfig
+from adalora_core.errors import CheckpointError
+from adalora_core.orth import orth_reg
+from adalora_core.triplet import Triplet
+
+from .layer import SVDLayer, check_supported, layer_kind, wrap
+from .targets import find_targets, get_submodule_parent
+
+STATE_FORMAT = "adalora_core.torch_nn.training_state"
+PARTS = (("lora_A", "A"), ("lora_E", "E"), ("lora_B", "B"))
+
+
+def _check_adapter_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name={name!r} is invalid: must be a non-empty string without '.'")
+
+
+class AdaLoraModel(nn.Module):
+    """A torch module with AdaLoRA adapters injected; called exactly like the module it wraps.
+
+    Holds at most one trainable adapter (with its :class:`RankAllocator`) and
+    any number of inference-mode adapters beside it; one adapter is active in
+    the forward at a time (:meth:`set_adapter`).
+    """
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
+                 autocast_adapter_dtype: bool = True, fast_forward: bool = False,
+                 _checkpoint: str | os.PathLike[str] | None = None) -> None:
+        if isinstance(model, AdaLoraModel):
+            raise ValueError("the model is already an AdaLoraModel; use add_adapter() to add another adapter")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if not isinstance(config, AdaLoraConfig):
+            raise TypeError(f"config must be an adalora_core.AdaLoraConfig, not {type(config).__name__}")
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, AdaLoraConfig] = {}
+        self.trainable_adapter_name: str | None = None
+        self.active_adapter: str | None = None
+        self.allocator: RankAllocator | None = None
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.fast_forward = fast_forward
+        # adapter -> module -> kept indices into init_r, for modules loaded at a pruned rank
+        self._kept_index: dict[str, dict[str, list[int]]] = {}
+        self._unloaded = False
+        try:
+            self._inject(adapter_name, config, checkpoint=_checkpoint)
+        except BaseException:
+            # nothing was changed in `model`; drop our reference so no half-built wrapper remains
+            del self.model
+            raise
+        self.set_adapter(adapter_name)
+
+    # ---------------------------------------------------------------- calling
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Whatever the wrapped model returns for the same arguments (loss untouched)."""
+        self._check_loaded()
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or "model" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["model"], name)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Forwarded for transformers' Trainer: does the wrapped forward take ``num_items_in_batch``?"""
+        inner = self.model
+        if hasattr(inner, "accepts_loss_kwargs"):
+            return bool(inner.accepts_loss_kwargs)
+        params = inspect.signature(inner.forward).parameters.values()
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped module (with its layers wrapped in place)."""
+        return self.model
+
+    # ------------------------------------------------------------- structure
+
+    def _check_loaded(self) -> None:
+        if self._unloaded:
+            raise RuntimeError("this AdaLoraModel was unloaded (merge_and_unload/unload); use the returned model")
+
+    def svd_layers(self) -> dict[str, SVDLayer]:
+        """``{module path: SVD layer}`` in ``named_modules()`` order (PEFT's module order)."""
+        return {k: m for k, m in self.model.named_modules() if isinstance(m, SVDLayer)}
+
+    def _adapter_layers(self, name: str) -> dict[str, SVDLayer]:
+        return {k: m for k, m in self.svd_layers().items() if name in m.lora_A}
+
+    def _require(self, name: str | None, what: str = "adapter") -> str:
+        if name is None or name not in self.peft_config:
+            raise ValueError(f"{what} {name!r} does not exist; adapters: {sorted(self.peft_config)}")
+        return name
+
+    def _require_trainable(self) -> str:
+        if self.trainable_adapter_name is None or self.allocator is None:
+            raise ValueError("this model has no trainable adapter (all adapters are in inference mode); "
+                             "load one with is_trainable=True or add one with inference_mode=False")
+        return self.trainable_adapter_name
+
+    def _inject(self, adapter_name: str, config: AdaLoraConfig,
+                checkpoint: str | os.PathLike[str] | None = None) -> None:
+        """Add adapter ``adapter_name``; every check runs before the model is touched."""
+        self._check_loaded()
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete_adapter() it")
+        trainable = not config.inference_mode
+        if trainable and self.trainable_adapter_name is not None:
+            raise ValueError(f"AdaLoRA trains one adapter at a time and {self.trainable_adapter_name!r} is "
+                             f"trainable; add {adapter_name!r} with inference_mode=True")
+        if config.bias != "none":
+            raise ValueError(f"bias={config.bias!r} is not supported: PEFT's AdaLoRA checkpoints hold no bias "
+                             "tensors; use bias='none'")
+        existing = self.svd_layers()
+        names = find_targets(self.model, config, skip_inside=existing)
+        modules = {k: self.model.get_submodule(k) for k in names}
+        for k, m in modules.items():
+            if not isinstance(m, SVDLayer):
+                check_supported(k, m)
+        pattern = dict(config.rank_pattern or {})
+        unknown = [key for key in pattern if not key.endswith(".lora_E") or key[: -len(".lora_E")] not in modules]
+        if unknown:
+            raise ValueError(f"rank_pattern names modules that are not adapted: {unknown}; adapted modules: "
+                             f"{[f'{k}.lora_E' for k in names][:8]}...")
+        loaded = None
+        if checkpoint is not None:
+            shapes = {k: _in_out(m) for k, m in modules.items()}
+            _, loaded = load_adapter(checkpoint, shapes=shapes)  # validated: a bad directory raises here
+        # ---- from here on the model changes; nothing below is expected to fail
+        adapter_params = {id(p) for layer in existing.values() for p in _adapter_parameters(layer)}
+        for p in self.model.parameters():  # PEFT freezes everything but the adapters
+            if id(p) not in adapter_params:
+                p.requires_grad_(False)
+        active = [self.active_adapter] if self.active_adapter is not None else []
+        for k in names:
+            m = modules[k]
+            if isinstance(m, SVDLayer):
+                layer = m
+            else:
+                layer = wrap(m)
+                layer.set_adapter(active)
+                parent, child = get_submodule_parent(self.model, k)
+                setattr(parent, child, layer)
+            layer.fast_forward = self.fast_forward
+            layer.update_layer(adapter_name, config.init_r, config, trainable=trainable,
+                               autocast_adapter_dtype=self.autocast_adapter_dtype)
+        kept: dict[str, list[int]] = {}
+        if loaded is not None:
+            layers = {k: self.model.get_submodule(k) for k in names}
+            # PEFT resizes in the rank pattern's order, drawing fresh weights at each new rank
+            for key, mask in pattern.items():
+                path = key[: -len(".lora_E")]
+                idx = [i for i, b in enumerate(mask) if b]
+                layers[path].update_layer(adapter_name, len(idx), config, trainable=trainable,
+                                          autocast_adapter_dtype=self.autocast_adapter_dtype, init_r=config.init_r)
+                kept[path] = idx
+            with torch.no_grad():
+                for path, trip in loaded.items():
+                    layer = layers[path]
+                    for (attr, _), arr in zip(PARTS, (trip.A, trip.E, trip.B)):
+                        getattr(layer, attr)[adapter_name].copy_(torch.from_numpy(arr))
+        self._kept_index[adapter_name] = kept
+        self.peft_config[adapter_name] = config
+        if trainable:
+            ranks = {k: layer.r[adapter_name] for k, layer in self._adapter_layers(adapter_name).items()}
+            self.allocator = RankAllocator(config, ranks)
+            self.trainable_adapter_name = adapter_name
+
+    # -------------------------------------------------------------- adapters
+
+    def add_adapter(self, adapter_name: str, config: AdaLoraConfig) -> None:
+        """Inject another adapter (not made active). At most one may be trainable (``inference_mode=False``)."""
+        self._inject(adapter_name, config)
+
+    def load_adapter(self, path: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a saved adapter (ours or PEFT's) beside the existing ones, as PEFT's ``load_adapter``.
+
+        Not made active; with ``is_trainable=False`` the model is put in eval mode, as PEFT does.
+        """
+        config = read_adapter_config(path).replace(inference_mode=not is_trainable)
+        self._inject(adapter_name, config, checkpoint=path)
+        if not is_trainable:
+            self.eval()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the adapter the forward uses (trainability does not change)."""
+        self._check_loaded()
+        self._require(adapter_name)
+        for layer in self.svd_layers().values():
+            layer.set_adapter([adapter_name])
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; the first remaining one becomes active if it was."""
+        self._check_loaded()
+        self._require(adapter_name)
+        merged = [k for k, layer in self.svd_layers().items() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[:3]}...; unmerge() first")
+        for layer in self.svd_layers().values():
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._kept_index.pop(adapter_name, None)
+        if adapter_name == self.trainable_adapter_name:
+            self.trainable_adapter_name = None
+            self.allocator = None
+        if adapter_name == self.active_adapter:
+            remaining = list(self.peft_config)
+            if remaining:
+                self.set_adapter(remaining[0])
+            else:
+                self.active_adapter = None
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (merged adapters are unmerged, as PEFT does)."""
+        self._check_loaded()
+        layers = list(self.svd_layers().values())
+        previous = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, prev in zip(layers, previous):
+                layer.disable_adapters = prev
+
+    # -------------------------------------------------------------- training
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimizer: the trainable adapter's A, E and B."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def _triplets(self, name: str, detach: bool = True) -> dict[str, Triplet]:
+        out = {}
+        for path, layer in self._adapter_layers(name).items():
+            A, E, B = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]
+            out[path] = Triplet(A.detach(), E.detach(), B.detach()) if detach else Triplet(A, E, B)
+        return out
+
+    def update_and_allocate(self, step: int) -> None:
+        """One allocator step for the trainable adapter: call after ``optimizer.step()``, before ``zero_grad()``.
+
+        ``step`` is the 0-based optimizer step. Importance is updated from the
+        current gradients, and ``lora_E`` is masked to the scheduled budget on
+        mask steps (in place, under ``no_grad``). Steps must not go backwards
+        or past ``total_step``; a bad step raises before anything changes.
+        """
+        self._check_loaded()
+        name = self._require_trainable()
+        layers = self._adapter_layers(name)
+        params, grads = {}, {}
+        for path, layer in layers.items():
+            A, E, B = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]
+            params[path] = Triplet(A.detach(), E.detach(), B.detach())
+            grads[path] = Triplet(A.grad, E.grad, B.grad)
+        assert self.allocator is not None
+        new_E = self.allocator.update_and_allocate(step, params, grads)
+        with torch.no_grad():
+            for path, E in new_E.items():
+                if E is not params[path].E:
+                    layers[path].lora_E[name].copy_(E)
+
+    def orth_loss(self) -> torch.Tensor:
+        """``orth_reg_weight * mean ||AAᵀ - I||_F, ||BᵀB - I||_F`` over the trainable adapter.
+
+        Returned, never added to any loss for you: add it to the training loss
+        yourself (``loss = out.loss + model.orth_loss()``), or let
+        :class:`~.callback.AdaLoraTrainerMixin` do it during training only.
+        With ``orth_reg_weight == 0`` it is a zero tensor and costs nothing.
+        """
+        self._check_loaded()
+        name = self._require_trainable()
+        weight = self.peft_config[name].orth_reg_weight
+        pairs = [(t.A, t.B) for t in self._triplets(name, detach=False).values()]
+        if weight == 0:
+            ref = pairs[0][0]
+            return torch.zeros((), dtype=ref.dtype, device=ref.device)
+        return weight * orth_reg(pairs)
+
+    # ---------------------------------------------------------- rank pattern
+
+    def _full_mask(self, name: str, path: str, mask: Sequence[bool]) -> list[bool]:
+        """A mask over the module's current rows as a mask over its ``init_r`` triplets."""
+        idx = self._kept_index.get(name, {}).get(path)
+        if idx is None:
+            return [bool(b) for b in mask]
+        full = [False] * self.peft_config[name].init_r
+        for j, i in enumerate(idx):
+            full[i] = bool(mask[j])
+        return full
+
+    def get_rank_pattern(self, adapter_name: str | None = None) -> dict[str, list[bool]]:
+        """``{"<module>.lora_E": [kept?] * init_r}`` (PEFT's format) of an adapter.
+
+        For the trainable adapter: the allocator's last mask (empty before the
+        first one); for a loaded adapter: the pattern it was saved with.
+        """
+        name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
+        if name == self.trainable_adapter_name and self.allocator is not None and self.allocator.masks:
+            return {key: self._full_mask(name, key[: -len(".lora_E")], mask)
+                    for key, mask in self.allocator.rank_pattern.items()}
+        return {k: [bool(b) for b in v] for k, v in (self.peft_config[name].rank_pattern or {}).items()}
+
+    @property
+    def rank_pattern(self) -> dict[str, list[bool]]:
+        """The rank pattern of the trainable (else the active) adapter; see :meth:`get_rank_pattern`."""
+        return self.get_rank_pattern()
+
+    def current_ranks(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Triplets kept per module (``init_r`` before any pruning)."""
+        name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
+        if name == self.trainable_adapter_name and self.allocator is not None:
+            return self.allocator.current_ranks()
+        pattern = self.get_rank_pattern(name)
+        return {path: (sum(pattern[f"{path}.lora_E"]) if f"{path}.lora_E" in pattern else layer.r[name])
+                for path, layer in self._adapter_layers(name).items()}
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Add the active adapter's ``ΔW`` into the base weights (all or none: a failure rolls back)."""
+        self._check_loaded()
+        done = []
+        try:
+            for layer in self.svd_layers().values():
+                before = len(layer.merged_adapters)
+                layer.merge(adapter_names)
+                if len(layer.merged_adapters) > before:
+                    done.append((layer, len(layer.merged_adapters) - before))
+        except BaseException:
+            for layer, n in reversed(done):
+                for _ in range(n):
+                    name = layer.merged_adapters.pop()
+                    layer._combine(name, -1)
+            raise
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        self._check_loaded()
+        for layer in self.svd_layers().values():
+            if layer.merged:
+                layer.unmerge()
+
+    def unload(self) -> nn.Module:
+        """Put the original layers back (adapters dropped, merged ones stay in the weights); return the model."""
+        self._check_loaded()
+        for path, layer in self.svd_layers().items():
+            parent, child = get_submodule_parent(self.model, path)
+            setattr(parent, child, layer.base_layer)
+        self._unloaded = True
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter into the base weights and return the plain model, as PEFT does."""
+        self.merge()
+        return self.unload()
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _save_weights(self, name: str) -> dict[str, Triplet]:
+        """Triplets at ``init_r`` (modules loaded at a pruned rank are scattered back by their pattern)."""
+        init_r = self.peft_config[name].init_r
+        out = {}
+        for path, (A, E, B) in self._triplets(name).items():
+            idx = self._kept_index.get(name, {}).get(path)
+            if idx is not None and A.shape[0] != init_r:
+                rows = torch.tensor(idx, dtype=torch.long, device=A.device)
+                A = A.new_zeros((init_r, A.shape[1])).index_copy(0, rows, A)
+                E = E.new_zeros((init_r, 1)).index_copy(0, rows, E)
+                B = B.new_zeros((B.shape[0], init_r)).index_copy(1, rows, B)
+            out[path] = Triplet(A, E, B)
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None) -> None:
+        """Write the adapter in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+        Pruned triplets are sliced away by the rank pattern; the directory
+        loads with :meth:`from_pretrained` and with PEFT's ``PeftModel.from_pretrained``.
+        """
+        self._check_loaded()
+        name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
+        pattern = self.get_rank_pattern(name)
+        save_adapter(path, self.peft_config[name], self._save_weights(name), pattern or None)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs: Any) -> AdaLoraModel:
+        """Wrap ``model`` with an adapter saved by :meth:`save_pretrained` or by PEFT.
+
+        Modules are built at ``init_r``, resized to the saved rank pattern
+        (``ranknum`` stays ``init_r``) and loaded; the directory is checked
+        against the model first, so a mismatch raises and changes nothing.
+        With ``is_trainable=False`` the adapter is frozen and the model is put
+        in eval mode (as PEFT's ``from_pretrained``).
+        """
+        config = read_adapter_config(path).replace(inference_mode=not is_trainable)
+        obj = cls(model, config, adapter_name, _checkpoint=path, **kwargs)
+        if not is_trainable:
+            obj.eval()
+        return obj
+
+    # ----------------------------------------------------------- training state
+
+    def training_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, meta)``: the trainable adapter's weights and the allocator's full state.
+
+        With the optimizer's own ``state_dict`` this is everything an exact
+        resume needs (PEFT saves neither the importance EMAs nor the budget).
+        """
+        self._check_loaded()
+        name = self._require_trainable()
+        assert self.allocator is not None
+        tensors: dict[str, torch.Tensor] = {}
+        for path, trip in self._triplets(name).items():
+            for (attr, _), t in zip(PARTS, (trip.A, trip.E, trip.B)):
+                tensors[f"weights.{path}.{attr}"] = t.clone()
+        arrays, meta = self.allocator.state_dict()
+        for k, v in arrays.items():
+            tensors[f"allocator.{k}"] = v.detach().clone()
+        return tensors, {"format": STATE_FORMAT, "version": 1, "adapter_name": name, "allocator": meta,
+                         "kept_index": self._kept_index.get(name, {})}
+
+    def load_training_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`training_state_dict` output; everything is checked before anything changes."""
+        self._check_loaded()
+        name = self._require_trainable()
+        assert self.allocator is not None
+        if meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"not a training state of this library (format={meta.get('format')!r})")
+        layers = self._adapter_layers(name)
+        weights, alloc = {}, {}
+        for key, t in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "allocator":
+                alloc[rest] = t
+            elif kind == "weights":
+                weights[rest] = t
+            else:
+                raise CheckpointError(f"training state has an unexpected entry {key!r}")
+        expect = {f"{path}.{attr}": getattr(layer, attr)[name] for path, layer in layers.items() for attr, _ in PARTS}
+        problems = []
+        if set(weights) != set(expect):
+            problems.append(f"weights for modules {sorted(set(weights) ^ set(expect))[:6]} do not match the model")
+        for k in sorted(set(weights) & set(expect)):
+            if tuple(weights[k].shape) != tuple(expect[k].shape):
+                problems.append(f"{k} has shape {tuple(weights[k].shape)}, the model {tuple(expect[k].shape)}")
+            elif not bool(torch.isfinite(weights[k]).all()):
+                problems.append(f"{k} has non-finite values")
+        if problems:
+            raise CheckpointError("training state does not fit this model: " + "; ".join(problems))
+        device = next(iter(expect.values())).device
+        alloc = {k: v.to(device) for k, v in alloc.items()}
+        try:
+            self.allocator.load_state_dict(alloc, meta["allocator"])  # validated before it changes anything
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"training state's allocator part does not fit this model: {exc}") from exc
+        with torch.no_grad():
+            for k, t in weights.items():
+                expect[k].copy_(t)
+        self._kept_index[name] = {k: list(v) for k, v in meta.get("kept_index", {}).items()}
+
+    def save_training_state(self, path: str | os.PathLike[str]) -> None:
+        """:meth:`training_state_dict` to one safetensors file (atomic write)."""
+        tensors, meta = self.training_state_dict()
+        save_arrays(path, tensors, meta)
+
+    def load_training_state(self, path: str | os.PathLike[str]) -> None:
+        """Read :meth:`save_training_state` output back (validated; a bad file changes nothing)."""
+        tensors, meta = load_arrays(path, convert=torch.from_numpy)
+        self.load_training_state_dict(tensors, meta)
+
+
+def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
+    for store in (layer.lora_A, layer.lora_B, layer.lora_E, layer.ranknum):
+        yield from store.values()
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, SVDLayer):
+        return module.in_features, module.out_features
+    probe = layer_kind(module)
+    w = module.weight
+    if probe == "conv1d":
+        return int(w.shape[0]), int(w.shape[1])
+    if probe == "conv2d":
+        return int(module.in_channels * module.kernel_size[0] * module.kernel_size[1]), int(module.out_channels)
+    return int(w.shape[1]), int(w.shape[0])
+
+
+def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
+                      autocast_adapter_dtype: bool = True, fast_forward: bool = False) -> AdaLoraModel:
+    """Inject AdaLoRA adapters into ``model`` (in place) and return the wrapper.
+
+    ``fast_forward=True`` folds ``scaling / (ranknum + 1e-5)`` into ``E``:
+    fewer passes over the output, but not bit-identical to PEFT (the error is
+    measured in docs/peft-differences.md). ``autocast_adapter_dtype`` as PEFT:
+    adapters of a float16/bfloat16 model are kept in float32.
+    """
+    return AdaLoraModel(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                        fast_forward=fast_forward)
