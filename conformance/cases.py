@@ -26,7 +26,6 @@ import importlib
 import json
 import math
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 
 from . import reference as R
 
-__all__ = ["TOL", "EXACT", "Case", "Skip", "all_cases", "adalora_cases", "extra_sources", "as_case"]
+__all__ = ["EXACT", "TOL", "Case", "Skip", "adalora_cases", "all_cases", "as_case", "extra_sources"]
 
 #: Default tolerances of ``max|got - ref| / max(1, max|ref|)``.
 TOL = {"float32": 1e-5, "float64": 1e-10}
@@ -158,7 +157,7 @@ def _available_cycle() -> list[Any]:
         for spec in _BACKEND_CYCLE:
             try:
                 found.append(_spec_backend(spec))
-            except Exception:  # noqa: BLE001 - missing library, unsupported CPU, no GPU
+            except Exception:  # noqa: BLE001, S112 - missing library, unsupported CPU, no GPU
                 continue
         _cycle_cache = found
     return _cycle_cache
@@ -174,12 +173,11 @@ def _partner(b: Any) -> Any:
 
 
 def _spec_name(b: Any) -> str:
+    """``b`` as a backend spec: ``numpy``, ``array_api_strict:device1``, ``torch:cuda:0``."""
     dev = str(b.device)
-    if b.name == "array_api_strict" and "CPU_DEVICE" not in dev:
-        return f"{b.name}:{dev.split('(')[-1].strip(')').strip(chr(39))}"
-    if b.name in ("numpy", "native"):
-        return b.name
-    return f"{b.name}:{dev}" if dev not in ("cpu", "None") else b.name
+    if b.name == "array_api_strict":  # Device('CPU_DEVICE') / Device('device1')
+        dev = dev.split("(", 1)[-1].rstrip(")").strip("'\"")
+    return b.name if dev in ("cpu", "None", "CPU_DEVICE") else f"{b.name}:{dev}"
 
 
 # ---------------------------------------------------------------------------
@@ -753,10 +751,10 @@ _SCRIPTS: dict[str, _Script] = {
     "allocator.run.deltaT3": _Script(seed=501, init_r=6, target_r=3, tinit=5, tfinal=8, total_step=44, deltaT=3),
     # no warm-up, mask every step, final allocation at T_f = total_step
     "allocator.run.deltaT1": _Script(seed=502, init_r=4, target_r=2, tinit=0, tfinal=0, total_step=40, deltaT=1),
-    # steps jump over T_f = 38: the final allocation happens at the first step past it; target_r = 0
+    # steps jump over T_f = 38: the final allocation happens at the first step past it (37 -> 41)
     "allocator.run.skip_Tf": _Script(seed=503, init_r=5, target_r=1, tinit=3, tfinal=12, total_step=50, deltaT=2,
                                      beta1=0.7, beta2=0.9,
-                                     steps=tuple(range(0, 36)) + (37, 41, 42, 45, 50)),
+                                     steps=tuple(range(36)) + (37, 41, 42, 45, 50)),
     # non-finite gradients (whole step skipped, counted), a module without gradients, a step without any
     "allocator.run.nonfinite_missing": _Script(
         seed=504, init_r=6, target_r=2, tinit=4, tfinal=6, total_step=42, deltaT=2,
@@ -773,13 +771,16 @@ _SCRIPTS: dict[str, _Script] = {
 
 
 def _allocator_cases() -> list[Case]:
-    cases = []
-    for name, script in _SCRIPTS.items():
-        cases.append(Case(name,
-                          (lambda s: lambda b, dtype: _alloc_run(s, b, dtype))(script),
-                          (lambda s: lambda dtype: _alloc_reference(s, dtype))(script),
-                          TOL, stateful=True))
-    return cases
+    def make(name: str, script: _Script) -> Case:
+        def run(b, dtype):
+            return _alloc_run(script, b, dtype)
+
+        def ref(dtype):
+            return _alloc_reference(script, dtype)
+
+        return Case(name, run, ref, TOL, stateful=True)
+
+    return [make(name, script) for name, script in _SCRIPTS.items()]
 
 
 # ---------------------------------------------------------------------------
@@ -988,7 +989,7 @@ def _random_cases() -> list[Case]:
 
     def run(b, dtype):
         (A, E, B), ranknum = init_triplet(b.rng(1234), r, n_in, n_out, dtype=dtype)
-        (A2, E2, B2), _ = init_triplet(b.rng(1234), r, n_in, n_out, dtype=dtype)
+        (A2, _, B2), _ = init_triplet(b.rng(1234), r, n_in, n_out, dtype=dtype)
         hA, hB = _host(b, A, dtype, "A"), _host(b, B, dtype, "B")
         if not (np.array_equal(hA, _host(b, A2, dtype, "A")) and np.array_equal(hB, _host(b, B2, dtype, "B"))):
             raise AssertionError("the same seed gave different weights")

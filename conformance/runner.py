@@ -111,8 +111,8 @@ def compare(got: Mapping[str, Any], ref: Mapping[str, Any]) -> tuple[float, str 
         if exact and e != 0.0:
             problems.append(f"{k!r} differs in {int(np.count_nonzero(diff))} of {diff.size} entries "
                             "(compared exactly)")
-        if e > error or worst is None:
-            worst, error = (k, e) if e >= error else (worst, error)
+        if worst is None or e > error:
+            worst, error = k, e
     return error, worst, problems
 
 
