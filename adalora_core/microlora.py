@@ -1,0 +1,517 @@
+"""MicroLoRA: rank-1/2 adapters for real-time, per-request adaptation, with EWC++.
+
+A :class:`MicroLoRA` holds one :class:`~adalora_core.lora.LoraAdapter` per
+target module (``"q_proj"``, ``"v_proj"``, ...). Serving adds the adapter's
+output into the base layer's (``forward_add``: on the native backend a dict
+lookup, a lock and one C call); feedback on a request accumulates a
+reward-scaled gradient (``adapt``); ``apply_updates`` takes the step, feeding
+the EWC++ Fisher first, and ``apply_updates_with_ewc`` adds the penalty that
+keeps earlier tasks from being forgotten.
+
+Fixes against the original (ruvLLM ``micro_lora.rs``): a rank other than 1
+or 2 is an error, not silently clamped; a feedback without a gradient
+estimate is an error (the original's ``quality * 0.01`` stand-in, which
+carries no direction, only behind ``allow_heuristic_gradient=True``, with a
+warning); the Fisher is actually fed, so EWC does something; feedback,
+inputs, learning rates and checkpoints are validated before any state
+changes; non-finite gradients are skipped and counted, never written.
+
+Thread safety (NumPy / native): each adapter has a lock that every read and
+write of its arrays holds; the counters are kept under locks too. Forward
+calls, ``adapt`` and ``apply_updates`` may run from many threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._xp import Array, device, host_np, namespace, to_numpy
+from .checkpoint import load_arrays, save_arrays, validate
+from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
+from .errors import AdaLoraWarning, CheckpointError
+from .ewc import EwcState
+from .lora import LoraAdapter, all_finite
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "AdaptFeedback", "MicroLoRA"]
+
+FORMAT = "adalora_core.microlora"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdaptFeedback:
+    """Feedback on one request (or a batch of requests sharing it).
+
+    ``quality``: a finite score in [0, 1]. ``gradient_estimate``: the gradient
+    of the loss with respect to the adapted module's output, ``(out,)`` (or
+    ``(n, out)`` for a batch input): a list, a tuple or a real floating array
+    (cast to the adapter's dtype; an array of another library, say NumPy
+    for a torch MicroLoRA, is copied over). ``reward``
+    scales it (default: ``quality``). ``source_module``: adapt this module
+    only (default: every target). ``latency_us`` and ``session_id`` are
+    carried for the caller's bookkeeping.
+    """
+
+    quality: float
+    gradient_estimate: Any = None
+    reward: float | None = None
+    latency_us: int = 0
+    source_module: str | None = None
+    session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_float("quality", self.quality, 0.0, 1.0)
+        if self.reward is not None:
+            check_float("reward", self.reward)
+        check_int("latency_us", self.latency_us, 0)
+        if self.source_module is not None and self.source_module not in KNOWN_MODULES:
+            raise ValueError(f"source_module={self.source_module!r} is invalid: must be one of the known "
+                             f"modules {list(KNOWN_MODULES)}")
+
+    @property
+    def effective_reward(self) -> float:
+        """``reward`` when given, else ``quality``."""
+        return float(self.quality if self.reward is None else self.reward)
+
+    @classmethod
+    def from_quality(cls, quality: float, **kw: Any) -> AdaptFeedback:
+        return cls(quality, **kw)
+
+    @classmethod
+    def with_gradient(cls, quality: float, gradient: Any, **kw: Any) -> AdaptFeedback:
+        return cls(quality, gradient_estimate=gradient, **kw)
+
+
+class MicroLoRA:
+    """A set of rank-1/2 adapters keyed by module name.
+
+    ``MicroLoRA(config=MicroLoraConfig(), backend=None, seed=0, ewc=EwcConfig(), dtype="float32")``.
+    ``backend``: a name (``"native"``, ``"numpy"``, ``"array_api_strict"``,
+    ``"torch"``, ...) or a Backend; None picks the default (native when the C
+    extension is built). ``ewc=None`` turns EWC++ off (no Fisher, no anchor).
+
+    On mutable libraries ``forward_add`` adds into ``out`` in place and
+    returns it; on immutable ones (array-api-strict) it returns a new array:
+    ``out = m.forward_add(x, "q_proj", out)`` is portable.
+    """
+
+    def __init__(
+        self,
+        config: MicroLoraConfig | None = None,
+        backend: Any = None,
+        seed: int | None = 0,
+        ewc: EwcConfig | None = EwcConfig(),  # noqa: B008 (frozen, shared safely)
+        *,
+        dtype: Any = "float32",
+    ) -> None:
+        from .backends import get_backend
+
+        config = MicroLoraConfig() if config is None else config
+        if not isinstance(config, MicroLoraConfig):
+            raise TypeError(f"config must be a MicroLoraConfig, got {type(config).__name__}")
+        if ewc is not None and not isinstance(ewc, EwcConfig):
+            raise TypeError(f"ewc must be an EwcConfig or None, got {type(ewc).__name__}")
+        be = get_backend(backend)
+        self.config = config
+        self.ewc_config = ewc
+        self.backend = be
+        self.seed = seed
+        self._xp = be.xp
+        self._rng = be.rng(seed)
+        self._adapters: dict[str, LoraAdapter] = {}
+        for m in config.target_modules:
+            i, o = config.dims(m)
+            self._adapters[m] = LoraAdapter(
+                i, o, config.rank, config.alpha, backend=be, dtype=dtype, init=config.init,
+                use_bias=config.use_bias, rng=self._rng,
+            )
+        first = self._adapters[config.target_modules[0]]
+        self.dtype = first.dtype
+        self.dtype_name = first.dtype_name
+        self._ewc: dict[str, EwcState] | None = None
+        if ewc is not None:
+            self._ewc = {m: EwcState.from_adapter(a, ewc) for m, a in self._adapters.items()}
+        self._enabled = True
+        self._count_lock = threading.Lock()
+        self._adaptations = 0
+        self._skipped = 0  # adapt calls skipped for non-finite input
+
+    # -- lookup ---------------------------------------------------------------
+
+    def _unknown(self, module: Any) -> ValueError:
+        if module in KNOWN_MODULES:
+            return ValueError(f"module {module!r} is not adapted here; this MicroLoRA adapts "
+                              f"{list(self.config.target_modules)}")
+        return ValueError(f"unknown module {module!r}; known modules: {list(KNOWN_MODULES)} "
+                          f"(this MicroLoRA adapts {list(self.config.target_modules)})")
+
+    def adapter(self, module: str) -> LoraAdapter:
+        """The adapter of ``module``."""
+        ad = self._adapters.get(module)
+        if ad is None:
+            raise self._unknown(module)
+        return ad
+
+    @property
+    def adapters(self) -> Mapping[str, LoraAdapter]:
+        return dict(self._adapters)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    def ewc_state(self, module: str) -> EwcState:
+        if self._ewc is None:
+            raise ValueError("EWC is off (constructed with ewc=None)")
+        self.adapter(module)
+        return self._ewc[module]
+
+    def _select(self, modules: str | Iterable[str] | None) -> list[str]:
+        if modules is None:
+            return list(self._adapters)
+        names = [modules] if isinstance(modules, str) else list(modules)
+        for m in names:
+            self.adapter(m)
+        return names
+
+    # -- switches and counters -------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def disable(self) -> None:
+        """Forward adds nothing (``forward`` returns zeros) and ``adapt`` skips; nothing is counted."""
+        self._enabled = False
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._enabled = bool(enabled)
+
+    @property
+    def adaptation_count(self) -> int:
+        """Number of ``adapt`` calls that accumulated a gradient."""
+        return self._adaptations
+
+    @property
+    def forward_count(self) -> int:
+        """Number of ``forward`` / ``forward_add`` calls (while enabled)."""
+        return sum(a.forward_calls for a in self._adapters.values())
+
+    @property
+    def skipped_updates(self) -> int:
+        """Adapt calls skipped for a non-finite input or gradient, plus steps skipped
+        for a non-finite accumulated gradient."""
+        return self._skipped + sum(a.skipped_updates for a in self._adapters.values())
+
+    def pending_updates(self, module: str) -> int:
+        return self.adapter(module).pending_updates
+
+    def param_count(self) -> int:
+        return sum(a.param_count() for a in self._adapters.values())
+
+    def memory_bytes(self) -> int:
+        return sum(a.memory_bytes() for a in self._adapters.values())
+
+    # -- serving ---------------------------------------------------------------
+
+    def forward(self, x: Array, module: str) -> Array:
+        """The adapter's output ``scaling * (x @ A) @ B (+ bias)`` for ``x (in,)`` or ``(n, in)``."""
+        ad = self._adapters.get(module)
+        if ad is None:
+            raise self._unknown(module)
+        if not self._enabled:
+            if getattr(x, "ndim", None) not in (1, 2):
+                raise ValueError(f"x must be (in,) or (n, in), got shape {getattr(x, 'shape', None)}")
+            shape = (ad.out_features,) if x.ndim == 1 else (int(x.shape[0]), ad.out_features)
+            return self._xp.zeros(shape, dtype=ad.dtype, device=device(ad.B))
+        return ad.forward(x)
+
+    def forward_add(self, x: Array, module: str, out: Array) -> Array:
+        """``out += scaling * (x @ A) @ B`` for ``module``; returns ``out`` (a new array on
+        immutable libraries). The hot path: no allocation on NumPy/native."""
+        ad = self._adapters.get(module)
+        if ad is None:
+            raise self._unknown(module)
+        if not self._enabled:
+            return out
+        ad._acquire()  # try/finally: half the cost of a with-statement
+        try:
+            r = ad._fwd(x, ad._A, ad._B, ad.scaling, out)
+            ad.forward_calls += 1
+        finally:
+            ad._release()
+        return out if r is None else r
+
+    # -- learning ----------------------------------------------------------------
+
+    def _gradient(self, fb: AdaptFeedback, x: Array, out_f: int, module: str) -> Array:
+        xp = self._xp
+        g = fb.gradient_estimate
+        want = (out_f,) if x.ndim == 1 else (int(x.shape[0]), out_f)
+        if g is None:
+            if not self.config.allow_heuristic_gradient:
+                raise ValueError(
+                    "feedback.gradient_estimate is required: pass the gradient of the loss with respect to "
+                    f"the output of {module!r} (shape {want}); the quality-only stand-in of the original "
+                    "carries no direction and is available only with MicroLoraConfig(allow_heuristic_gradient=True)")
+            warnings.warn(
+                "adapt() without a gradient estimate: using the heuristic quality * 0.01 for every output, "
+                "which carries no direction (allow_heuristic_gradient=True)", AdaLoraWarning, stacklevel=3)
+            return xp.full(want, fb.quality * 0.01, dtype=self.dtype, device=device(self._first_B()))
+        if isinstance(g, (list, tuple)):
+            try:
+                g = self.backend.asarray(g, dtype=self.dtype_name)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"gradient_estimate must be a sequence of numbers: {exc}") from None
+        else:
+            try:
+                gxp = namespace(g)
+            except TypeError as exc:
+                raise TypeError(f"gradient_estimate must be a list, tuple or array, got {type(g).__name__}") from exc
+            if not gxp.isdtype(g.dtype, "real floating"):
+                raise TypeError(f"gradient_estimate has dtype {g.dtype}; it must be a real floating array")
+            if gxp is not xp:  # host data (say NumPy) for a device backend: copied over
+                g = self.backend.asarray(to_numpy(g), dtype=self.dtype_name)
+            elif g.dtype != self.dtype:
+                g = xp.astype(g, self.dtype)
+        if tuple(int(d) for d in g.shape) != want:
+            raise ValueError(f"gradient_estimate has shape {tuple(g.shape)}, but {module!r} has "
+                             f"out_features={out_f}: expected {want}")
+        return g
+
+    def _first_B(self) -> Array:
+        return next(iter(self._adapters.values())).B
+
+    def adapt(self, x: Array, feedback: AdaptFeedback) -> bool:
+        """Accumulate the reward-scaled gradient of one request (``x (in,)``) or a batch
+        (``x (n, in)`` with a gradient ``(n, out)``).
+
+        Adapts ``feedback.source_module``, or every target module. Returns
+        True when a gradient was accumulated. Skips (returns False, changes
+        nothing) when disabled; skips and counts in ``skipped_updates`` (with
+        an AdaLoraWarning) when ``x`` or the gradient is not finite. Bad
+        feedback, shapes or dtypes raise before anything changes.
+        """
+        if not isinstance(feedback, AdaptFeedback):
+            raise TypeError(f"feedback must be an AdaptFeedback, got {type(feedback).__name__}")
+        if not self._enabled:
+            return False
+        modules = [feedback.source_module] if feedback.source_module is not None else list(self._adapters)
+        plan = []
+        for m in modules:
+            ad = self.adapter(m)
+            if getattr(x, "ndim", None) not in (1, 2):
+                raise ValueError(f"x must be (in,) or (n, in), got shape {getattr(x, 'shape', None)}")
+            namespace(x, ad.B)
+            if x.dtype != ad.dtype:
+                raise TypeError(f"x has dtype {x.dtype}, the adapters' is {ad.dtype}; cast it first")
+            if int(x.shape[-1]) != ad.in_features:
+                raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but {m!r} has "
+                                 f"in_features={ad.in_features}")
+            plan.append((ad, self._gradient(feedback, x, ad.out_features, m)))
+        xp = self._xp
+        if not all_finite(xp, x, *(g for _, g in plan)):
+            with self._count_lock:
+                self._skipped += 1
+            warnings.warn("adapt() skipped a request whose input or gradient estimate is not finite",
+                          AdaLoraWarning, stacklevel=2)
+            return False
+        if self.config.dropout > 0.0:
+            keep = 1.0 - self.config.dropout
+            with self._count_lock:
+                mask = self._rng.bernoulli(tuple(x.shape), keep, dtype=self.dtype_name)
+            x = x * mask / keep
+        reward = feedback.effective_reward
+        for ad, g in plan:
+            ad.accumulate_gradient(x, g, reward)
+        with self._count_lock:
+            self._adaptations += 1
+        return True
+
+    def apply_updates(self, lr: float, *, modules: str | Iterable[str] | None = None,
+                      update_fisher: bool | None = None) -> int:
+        """An SGD step on every adapter with pending gradients (or on ``modules``); returns how many stepped.
+
+        With EWC on, the Fisher is fed each adapter's mean gradient before it
+        is cleared (``update_fisher=False``, or ``EwcConfig(update_fisher=False)``, to stop that).
+        """
+        check_float("lr", lr, 0.0)
+        n = 0
+        for m in self._select(modules):
+            ewc = self._ewc[m] if self._ewc is not None else None
+            n += self._adapters[m].apply_gradients(lr, ewc=ewc, update_fisher=update_fisher)
+        return n
+
+    def apply_updates_with_ewc(self, lr: float, lam: float | None = None, *,
+                               modules: str | Iterable[str] | None = None,
+                               update_fisher: bool | None = None) -> int:
+        """A step with the EWC++ penalty (``lam`` defaults to ``EwcConfig.lam``; the
+        config's ``update`` picks proximal or explicit); returns how many adapters stepped."""
+        if self._ewc is None:
+            raise ValueError("apply_updates_with_ewc needs EWC: construct MicroLoRA with ewc=EwcConfig(...)")
+        check_float("lr", lr, 0.0)
+        lam = self.ewc_config.lam if lam is None else lam
+        check_float("lam", lam, 0.0)
+        n = 0
+        for m in self._select(modules):
+            n += self._adapters[m].apply_gradients_with_ewc(lr, self._ewc[m], lam, update_fisher=update_fisher)
+        return n
+
+    def start_new_task(self, modules: str | Iterable[str] | None = None) -> None:
+        """A task boundary: ``theta*`` = current weights (and the Fisher folded / normalised as configured)."""
+        if self._ewc is None:
+            raise ValueError("start_new_task needs EWC: construct MicroLoRA with ewc=EwcConfig(...)")
+        for m in self._select(modules):
+            ad = self._adapters[m]
+            with ad.lock:
+                self._ewc[m].start_new_task(ad)
+
+    def ewc_penalty(self, lam: float | None = None) -> Array:
+        """The EWC++ penalty summed over the adapters (a 0-d array)."""
+        if self._ewc is None:
+            raise ValueError("ewc_penalty needs EWC: construct MicroLoRA with ewc=EwcConfig(...)")
+        total = None
+        for m, ad in self._adapters.items():
+            p = self._ewc[m].penalty(ad, lam)
+            total = p if total is None else total + p
+        return total
+
+    def merge_into_base(self, module: str, W: Array, layout: str = "in_out") -> Array:
+        """``W += scaling * A @ B`` for ``module``; ``layout="out_in"`` for a torch ``nn.Linear`` weight."""
+        return self.adapter(module).merge_into(W, layout)
+
+    def reset(self) -> None:
+        """B = 0 in every adapter, gradients cleared, counters zeroed, EWC state restarted (F = 0)."""
+        for m, ad in self._adapters.items():
+            with ad.lock:
+                ad.reset()
+                if self._ewc is not None:
+                    self._ewc[m].reset(ad)
+        with self._count_lock:
+            self._adaptations = 0
+            self._skipped = 0
+
+    def __repr__(self) -> str:
+        return (f"MicroLoRA(modules={list(self._adapters)}, rank={self.config.rank}, "
+                f"backend={self.backend.name!r}, dtype={self.dtype_name}, ewc={self._ewc is not None})")
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def save(self, path: Any) -> None:
+        """Write weights, pending gradients, EWC state, config and counters to one
+        safetensors file (JSON metadata inside), atomically."""
+        arrays: dict[str, Any] = {}
+        modules: dict[str, Any] = {}
+        to_np = self.backend.to_numpy
+        for m, ad in self._adapters.items():
+            with ad.lock:
+                for k, a in ad.state_arrays().items():
+                    arrays[f"{m}.{k}"] = host_np.array(to_np(a))
+                info = {"pending": ad.pending_updates, "forward_calls": ad.forward_calls,
+                        "skipped_updates": ad.skipped_updates}
+                if self._ewc is not None:
+                    st = self._ewc[m]
+                    for k, a in st.state_arrays().items():
+                        arrays[f"{m}.ewc.{k}"] = host_np.array(to_np(a))
+                    info["window_steps"] = st.window_steps
+            modules[m] = info
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": self.dtype_name,
+            "config": self.config.to_dict(),
+            "ewc": None if self.ewc_config is None else self.ewc_config.to_dict(),
+            "seed": self.seed,
+            "enabled": self._enabled,
+            "adaptation_count": self._adaptations,
+            "skipped": self._skipped,
+            "modules": modules,
+        }
+        save_arrays(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: Any, backend: Any = None, *, dtype: Any = None) -> MicroLoRA:
+        """A MicroLoRA from :meth:`save`'s file, on ``backend`` (default: the default backend)
+        and in ``dtype`` (default: the saved one).
+
+        Everything is checked (format and version, config, shapes, dtypes,
+        finite values, counters) before the object is built: a bad file
+        raises :class:`~adalora_core.errors.CheckpointError` and nothing is created.
+        """
+        host, meta = load_arrays(path)
+        where = str(path)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"{where}: not a MicroLoRA checkpoint (format {meta.get('format')!r}, "
+                                  f"expected {FORMAT!r})" if isinstance(meta, dict) else f"{where}: bad metadata")
+        version = meta.get("version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: format version {version!r} is not supported (this library reads "
+                                  f"version {FORMAT_VERSION})")
+        try:
+            config = MicroLoraConfig.from_dict(meta["config"])
+            ewc_cfg = None if meta.get("ewc") is None else EwcConfig.from_dict(meta["ewc"])
+            saved_dtype = meta["dtype"]
+            if saved_dtype not in ("float32", "float64"):
+                raise ValueError(f"dtype {saved_dtype!r} is not supported")
+            modules = meta["modules"]
+            if not isinstance(modules, dict) or sorted(modules) != sorted(config.target_modules):
+                raise ValueError(f"modules {sorted(modules) if isinstance(modules, dict) else modules!r} do not "
+                                 f"match the config's target_modules {sorted(config.target_modules)}")
+            counters = {"adaptation_count": meta["adaptation_count"], "skipped": meta["skipped"]}
+            for m, info in modules.items():
+                for k in ("pending", "forward_calls", "skipped_updates") + (("window_steps",) if ewc_cfg else ()):
+                    counters[f"{m}.{k}"] = info[k]
+            for k, v in counters.items():
+                check_int(k, v, 0)
+            if not isinstance(meta.get("enabled"), bool):
+                raise ValueError(f"enabled={meta.get('enabled')!r} must be a bool")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
+        expect: dict[str, tuple[tuple[int, ...], str]] = {}
+        r = config.rank
+        for m in config.target_modules:
+            i, o = config.dims(m)
+            spec = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
+            if config.use_bias:
+                spec.update(bias=(o,), grad_bias=(o,))
+            if ewc_cfg is not None:
+                spec.update({"ewc.fisher_a": (i, r), "ewc.fisher_b": (r, o), "ewc.optimal_a": (i, r),
+                             "ewc.optimal_b": (r, o), "ewc.window_a": (i, r), "ewc.window_b": (r, o)})
+            for k, shape in spec.items():
+                expect[f"{m}.{k}"] = (shape, saved_dtype)
+        validate(host, expect, where)
+        for m in config.target_modules:
+            for k in ("ewc.fisher_a", "ewc.fisher_b", "ewc.window_a", "ewc.window_b"):
+                key = f"{m}.{k}"
+                if key in host and bool((host[key] < 0).any()):
+                    raise CheckpointError(f"{where}: {key!r} has negative values (a Fisher is >= 0)")
+        target_dtype = saved_dtype if dtype is None else dtype
+        seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0
+        obj = cls(config, backend, seed=seed, ewc=ewc_cfg, dtype=target_dtype)
+        be = obj.backend
+
+        def conv(a: Any) -> Array:
+            return be.asarray(a, dtype=obj.dtype_name)
+
+        for m, ad in obj._adapters.items():
+            info = modules[m]
+            arrays = {k: conv(host[f"{m}.{k}"]) for k in ad.state_spec()}
+            ad.load_state_arrays(arrays, info["pending"])
+            ad.forward_calls = info["forward_calls"]
+            ad.skipped_updates = info["skipped_updates"]
+            if obj._ewc is not None:
+                st = obj._ewc[m]
+                st.load_state_arrays({k: conv(host[f"{m}.ewc.{k}"]) for k in st.state_arrays()},
+                                     info["window_steps"])
+        obj._adaptations = meta["adaptation_count"]
+        obj._skipped = meta["skipped"]
+        obj._enabled = meta["enabled"]
+        return obj
+

@@ -1,0 +1,443 @@
+"""Many adapters at once: one per session or tenant, served in one batched call.
+
+An :class:`AdapterPool` keeps every adapter of one shape stacked, ``A`` as
+``(m, in, r)`` (rank-major memory) and ``B`` as ``(m, r, out)``, so that a
+batch in which request ``b`` uses adapter ``idx[b]``::
+
+    out[b] += scaling * (x[b] @ A[idx[b]]) @ B[idx[b]]
+
+is one call: a gather (``xp.take``) and two batched matmuls on the Array API,
+one C call (``lora_forward_add_batched``) on the native backend. Feedback
+for a batch is accumulated into each request's own adapter
+(:meth:`AdapterPool.adapt_batched`).
+
+Each session's adapter is a :class:`~adalora_core.lora.LoraAdapter` whose
+arrays, on mutable libraries, are views into the stacks (so single-adapter
+calls and batched calls see the same weights); on immutable libraries the
+stacks are rebuilt from the adapters when one has changed. Slots are stable:
+an index stays valid until its session is evicted (a freed slot is zeroed, so
+it adds nothing, and is reused by the next ``create``). The pool and all its
+adapters share one lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import warnings
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
+
+from ._xp import Array, host_np, namespace
+from .checkpoint import load_arrays, save_arrays, validate
+from .config import check_float, check_int
+from .errors import AdaLoraWarning, CheckpointError
+from .lora import (
+    LORA_INITS,
+    LoraAdapter,
+    all_finite,
+    check_rows,
+    dtype_name,
+    is_mutable,
+    lora_forward_add_batched,
+    owned_copy,
+)
+
+__all__ = ["POOL_FORMAT", "POOL_FORMAT_VERSION", "AdapterPool"]
+
+POOL_FORMAT = "adalora_core.adapter_pool"
+POOL_FORMAT_VERSION = 1
+
+
+class AdapterPool:
+    """Adapters of one shape keyed by session/tenant id, stacked for batched serving.
+
+    ``AdapterPool(in_features, out_features, rank=2, alpha=4.0, backend=None,
+    dtype="float32", seed=0, init="kaiming", capacity=8)``. Adapters are
+    created with B = 0 (identity) and A drawn from the pool's seeded
+    generator in creation order (or the golden-ratio init). Any rank >= 1.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 2,
+        alpha: float = 4.0,
+        *,
+        backend: Any = None,
+        dtype: Any = "float32",
+        seed: int | None = 0,
+        init: str = "kaiming",
+        capacity: int = 8,
+    ) -> None:
+        from .backends import get_backend
+
+        check_int("in_features", in_features, 1)
+        check_int("out_features", out_features, 1)
+        check_int("rank", rank, 1)
+        check_float("alpha", alpha, 0.0, low_open=True)
+        check_int("capacity", capacity, 1)
+        if init not in LORA_INITS:
+            raise ValueError(f"init={init!r} is invalid: must be one of {list(LORA_INITS)}")
+        be = get_backend(backend)
+        self.backend = be
+        self._xp = be.xp
+        dt = be.dtype(dtype)
+        self.dtype_name = dtype_name(self._xp, dt)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha = float(alpha)
+        self.scaling = float(alpha) / rank
+        self.init = init
+        self.seed = seed
+        self._rng = be.rng(seed)
+        self._mutable = is_mutable(self._xp)
+        self._lock = threading.RLock()
+        self._slots: dict[Hashable, int] = {}
+        self._owners: list[Hashable | None] = []
+        self._adapters: list[LoraAdapter | None] = []
+        self._free: list[int] = []
+        self.forward_calls = 0
+        self.skipped_requests = 0
+        self._alloc(capacity)
+        self.dtype = self._At.dtype
+        fast = dt == be.dtype("float32")
+        default = lora_forward_add_batched
+        if not self._mutable:
+            def default(*a: Any, _f: Any = lora_forward_add_batched) -> Any:
+                return _f(*a, inplace=False)
+        self._bfwd = be.op("lora_forward_add_batched", default) if fast else default
+        self._dirty = False
+
+    # -- storage ---------------------------------------------------------------
+
+    def _alloc(self, capacity: int) -> None:
+        """Stacks of ``capacity`` slots (the old contents copied, live adapters re-pointed)."""
+        be, xp = self.backend, self._xp
+        r, i, o = self.rank, self.in_features, self.out_features
+        old = len(self._owners)
+        if self._mutable:
+            new = [be.zeros((capacity, r, i), dtype=self.dtype_name), be.zeros((capacity, r, o), dtype=self.dtype_name),
+                   be.zeros((capacity, r, i), dtype=self.dtype_name), be.zeros((capacity, r, o), dtype=self.dtype_name)]
+            if old:
+                for dst, src in zip(new, (self._At, self._B, self._gAt, self._gB)):
+                    dst[:old, ...] = src
+            self._At, self._B, self._gAt, self._gB = new
+            self._A_view = xp.permute_dims(self._At, (0, 2, 1))
+            for s, ad in enumerate(self._adapters):
+                if ad is not None:
+                    ad._bind(self._At[s], self._B[s], self._gAt[s], self._gB[s])
+        else:
+            self._At = be.zeros((capacity, r, i), dtype=self.dtype_name)
+            self._B = be.zeros((capacity, r, o), dtype=self.dtype_name)
+            self._dirty = True
+        self._owners.extend([None] * (capacity - old))
+        self._adapters.extend([None] * (capacity - old))
+        for s in range(old, capacity):
+            heapq.heappush(self._free, s)
+
+    def _mark_dirty(self, _adapter: Any = None) -> None:
+        self._dirty = True
+
+    def _stacks(self) -> tuple[Array, Array]:
+        """``(A_stack (m, in, r), B_stack (m, r, out))`` as the batched op reads them."""
+        if self._mutable:
+            return self._A_view, self._B
+        if self._dirty:
+            xp = self._xp
+            zA = xp.zeros_like(self._At[0, ...])
+            zB = xp.zeros_like(self._B[0, ...])
+            self._At = xp.stack([zA if ad is None else ad._At for ad in self._adapters])
+            self._B = xp.stack([zB if ad is None else ad._B for ad in self._adapters])
+            self._dirty = False
+        return self._xp.permute_dims(self._At, (0, 2, 1)), self._B
+
+    @property
+    def capacity(self) -> int:
+        return len(self._owners)
+
+    # -- sessions ----------------------------------------------------------------
+
+    def create(self, session_id: Hashable) -> LoraAdapter:
+        """A new adapter for ``session_id`` (ValueError if it exists); returns it."""
+        with self._lock:
+            if session_id in self._slots:
+                raise ValueError(f"session {session_id!r} already has an adapter; get() it or evict() it first")
+            if not self._free:
+                self._alloc(2 * self.capacity)
+            slot = heapq.heappop(self._free)
+            ad = LoraAdapter(self.in_features, self.out_features, self.rank, self.alpha, backend=self.backend,
+                             dtype=self.dtype_name, init=self.init, rng=self._rng, lock=self._lock)
+            if self._mutable:
+                self._At[slot, ...] = ad._At
+                self._B[slot, ...] = 0
+                self._gAt[slot, ...] = 0
+                self._gB[slot, ...] = 0
+                ad._bind(self._At[slot], self._B[slot], self._gAt[slot], self._gB[slot])
+            else:
+                ad._on_change = self._mark_dirty
+                self._dirty = True
+            self._slots[session_id] = slot
+            self._owners[slot] = session_id
+            self._adapters[slot] = ad
+            return ad
+
+    def get(self, session_id: Hashable) -> LoraAdapter:
+        """The adapter of ``session_id`` (KeyError naming it if there is none)."""
+        with self._lock:
+            slot = self._slots.get(session_id)
+            if slot is None:
+                raise KeyError(f"no adapter for session {session_id!r} ({len(self._slots)} sessions in the pool)")
+            return self._adapters[slot]  # type: ignore[return-value]
+
+    def get_or_create(self, session_id: Hashable) -> LoraAdapter:
+        with self._lock:
+            return self.get(session_id) if session_id in self._slots else self.create(session_id)
+
+    def evict(self, session_id: Hashable) -> None:
+        """Drop the adapter of ``session_id``; its slot is zeroed and reused later."""
+        with self._lock:
+            slot = self._slots.pop(session_id, None)
+            if slot is None:
+                raise KeyError(f"no adapter for session {session_id!r}")
+            ad = self._adapters[slot]
+            if self._mutable:
+                if ad is not None:  # the evicted handle keeps working on its own copy
+                    xp = self._xp
+                    ad._bind(*(owned_copy(xp, a) for a in (ad._At, ad._B, ad._gAt, ad._gB)))
+                    ad._set_lock(threading.RLock())
+                self._At[slot, ...] = 0
+                self._B[slot, ...] = 0
+                self._gAt[slot, ...] = 0
+                self._gB[slot, ...] = 0
+            else:
+                if ad is not None:
+                    ad._on_change = None
+                self._dirty = True
+            self._owners[slot] = None
+            self._adapters[slot] = None
+            heapq.heappush(self._free, slot)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._slots
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(list(self._slots))
+
+    def sessions(self) -> list[Hashable]:
+        return list(self._slots)
+
+    def slot(self, session_id: Hashable) -> int:
+        """The stack index of ``session_id`` (valid until it is evicted)."""
+        with self._lock:
+            s = self._slots.get(session_id)
+            if s is None:
+                raise KeyError(f"no adapter for session {session_id!r}")
+            return s
+
+    def indices(self, session_ids: Sequence[Hashable]) -> Array:
+        """The stack indices of ``session_ids``, an int64 array of this backend."""
+        with self._lock:
+            missing = [s for s in session_ids if s not in self._slots]
+            if missing:
+                raise KeyError(f"no adapter for sessions {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            return self.backend.asarray([self._slots[s] for s in session_ids], dtype="int64")
+
+    def _index(self, sessions: Any, n: int) -> Array:
+        if hasattr(sessions, "dtype") and hasattr(sessions, "shape"):
+            xp = namespace(sessions)
+            if not xp.isdtype(sessions.dtype, "integral"):
+                raise TypeError(f"an index array must be integral, got dtype {sessions.dtype}")
+            if tuple(sessions.shape) != (n,):
+                raise ValueError(f"idx must have one entry per row of x ({n}), got shape {tuple(sessions.shape)}")
+            if n and not bool(xp.all((sessions >= 0) & (sessions < self.capacity))):
+                raise ValueError(f"idx has entries outside [0, {self.capacity})")
+            return sessions
+        ids = list(sessions)
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} session ids for {n} rows of x")
+        return self.indices(ids)
+
+    # -- serving -------------------------------------------------------------------
+
+    def forward_add_batched(self, x: Array, sessions: Any, out: Array) -> Array:
+        """``out[b] += scaling * (x[b] @ A[s_b]) @ B[s_b]`` for ``x (n, in)``; one vectorised
+        call (one C call on native). ``sessions``: n session ids, or an integer array of
+        slots from :meth:`indices`. Returns ``out`` (a new array on immutable libraries)."""
+        with self._lock:
+            if getattr(x, "ndim", None) != 2:
+                raise ValueError(f"x must be a batch (n, in), got shape {getattr(x, 'shape', None)}")
+            check_rows("x", x, self.in_features, "out", out, self.out_features, self.dtype)
+            idx = self._index(sessions, int(x.shape[0]))
+            A, B = self._stacks()
+            r = self._bfwd(x, A, B, self.scaling, idx, out)
+            self.forward_calls += 1
+        return out if r is None else r
+
+    def forward_batched(self, x: Array, sessions: Any) -> Array:
+        """A new ``(n, out)`` array: each request's adapter output."""
+        if getattr(x, "ndim", None) != 2:
+            raise ValueError(f"x must be a batch (n, in), got shape {getattr(x, 'shape', None)}")
+        out = self.backend.zeros((int(x.shape[0]), self.out_features), dtype=self.dtype_name)
+        return self.forward_add_batched(x, sessions, out)
+
+    # -- learning ------------------------------------------------------------------
+
+    def adapt_batched(self, x: Array, sessions: Sequence[Hashable], grad_out: Array, reward: Any = 1.0) -> int:
+        """Accumulate each request's gradient into its own session's adapter.
+
+        ``x (n, in)``, ``grad_out (n, out)`` (the gradient of each request's
+        loss with respect to the adapter output), ``reward`` a number or ``n``
+        numbers. Requests whose input, gradient or reward is not finite are
+        skipped and counted in ``skipped_requests`` (AdaLoraWarning). Returns
+        the number of requests accumulated.
+        """
+        xp = self._xp
+        if getattr(x, "ndim", None) != 2:
+            raise ValueError(f"x must be a batch (n, in), got shape {getattr(x, 'shape', None)}")
+        n = int(x.shape[0])
+        check_rows("x", x, self.in_features, "grad_out", grad_out, self.out_features, self.dtype)
+        ids = list(sessions)
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} session ids for {n} rows of x")
+        if isinstance(reward, (int, float)) and not isinstance(reward, bool):
+            rewards = None
+            check_float("reward", reward, low=None)
+            if not all_finite(xp, x, grad_out):
+                ok = [bool(v) for v in self.backend.to_numpy(
+                    xp.all(xp.isfinite(x), axis=1) & xp.all(xp.isfinite(grad_out), axis=1))]
+            else:
+                ok = [True] * n
+        else:
+            rw = [float(v) for v in reward] if not hasattr(reward, "shape") else \
+                [float(v) for v in self.backend.to_numpy(reward).reshape(-1)]
+            if len(rw) != n:
+                raise ValueError(f"reward must be a number or {n} numbers, got {len(rw)}")
+            fin = self.backend.to_numpy(xp.all(xp.isfinite(x), axis=1) & xp.all(xp.isfinite(grad_out), axis=1))
+            ok = [bool(f) and (v == v and abs(v) != float("inf")) for f, v in zip(fin, rw)]
+            rewards = self.backend.asarray([v if k else 0.0 for v, k in zip(rw, ok)], dtype=self.dtype_name)
+        with self._lock:
+            missing = [s for s in ids if s not in self._slots]
+            if missing:
+                raise KeyError(f"no adapter for sessions {missing[:5]}")
+            groups: dict[int, list[int]] = {}
+            for b, (s, good) in enumerate(zip(ids, ok)):
+                if good:
+                    groups.setdefault(self._slots[s], []).append(b)
+            skipped = n - sum(len(v) for v in groups.values())
+            if skipped:
+                self.skipped_requests += skipped
+                warnings.warn(f"adapt_batched skipped {skipped} request(s) with a non-finite input, gradient "
+                              "or reward", AdaLoraWarning, stacklevel=2)
+            if not groups:
+                return 0
+            g = grad_out
+            if rewards is not None:  # skipped rows are left out below
+                g = g * rewards[:, None]
+                scale = 1.0
+            else:
+                scale = float(reward)
+            for slot, rows in groups.items():
+                ad = self._adapters[slot]
+                if len(rows) == n:
+                    xs, gs = x, g
+                else:
+                    ridx = self.backend.asarray(rows, dtype="int64")
+                    xs, gs = xp.take(x, ridx, axis=0), xp.take(g, ridx, axis=0)
+                ad.accumulate_gradient(xs, gs, scale)  # type: ignore[union-attr]
+            return n - skipped
+
+    def apply_updates(self, lr: float) -> int:
+        """An SGD step on every adapter with pending gradients; returns how many stepped."""
+        check_float("lr", lr, 0.0)
+        with self._lock:
+            return sum(ad.apply_gradients(lr) for ad in self._adapters if ad is not None and ad.pending_updates)
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def save(self, path: Any) -> None:
+        """Every session's weights, pending gradients and counters, in one file, atomically.
+        Session ids must be str or int (they go into the JSON metadata)."""
+        with self._lock:
+            ids = list(self._slots)
+            bad = [s for s in ids if isinstance(s, bool) or not isinstance(s, (str, int))]
+            if bad:
+                raise CheckpointError(f"cannot save session ids {bad[:5]}: only str and int ids are saved")
+            to_np = self.backend.to_numpy
+            stacks: dict[str, list[Any]] = {"lora_A": [], "lora_B": [], "grad_A": [], "grad_B": []}
+            pending, fwd, skipped = [], [], []
+            for s in ids:
+                ad = self._adapters[self._slots[s]]
+                for k, a in ad.state_arrays().items():  # type: ignore[union-attr]
+                    stacks[k].append(host_np.array(to_np(a)))
+                pending.append(ad.pending_updates)  # type: ignore[union-attr]
+                fwd.append(ad.forward_calls)  # type: ignore[union-attr]
+                skipped.append(ad.skipped_updates)  # type: ignore[union-attr]
+            r, i, o = self.rank, self.in_features, self.out_features
+            shapes = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
+            arrays = {k: (host_np.stack(v) if v else host_np.zeros((0, *shapes[k]), dtype=self.dtype_name))
+                      for k, v in stacks.items()}
+            meta = {
+                "format": POOL_FORMAT, "version": POOL_FORMAT_VERSION, "dtype": self.dtype_name,
+                "in_features": i, "out_features": o, "rank": r, "alpha": self.alpha, "init": self.init,
+                "seed": self.seed, "sessions": ids, "pending": pending, "forward_calls": fwd,
+                "skipped_updates": skipped, "pool_forward_calls": self.forward_calls,
+                "skipped_requests": self.skipped_requests,
+            }
+        save_arrays(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: Any, backend: Any = None, *, dtype: Any = None) -> AdapterPool:
+        """A pool from :meth:`save`'s file; everything is checked first (CheckpointError)."""
+        host, meta = load_arrays(path)
+        where = str(path)
+        if not isinstance(meta, dict) or meta.get("format") != POOL_FORMAT:
+            raise CheckpointError(f"{where}: not an adapter-pool checkpoint")
+        if meta.get("version") != POOL_FORMAT_VERSION:
+            raise CheckpointError(f"{where}: format version {meta.get('version')!r} is not supported (this "
+                                  f"library reads version {POOL_FORMAT_VERSION})")
+        try:
+            i, o, r = meta["in_features"], meta["out_features"], meta["rank"]
+            for k, v in (("in_features", i), ("out_features", o), ("rank", r)):
+                check_int(k, v, 1)
+            check_float("alpha", meta["alpha"], 0.0, low_open=True)
+            if meta["init"] not in LORA_INITS or meta["dtype"] not in ("float32", "float64"):
+                raise ValueError(f"init {meta['init']!r} / dtype {meta['dtype']!r} not supported")
+            ids = meta["sessions"]
+            if not isinstance(ids, list) or any(isinstance(s, bool) or not isinstance(s, (str, int)) for s in ids) \
+                    or len(set(ids)) != len(ids):
+                raise ValueError("sessions must be a list of distinct str/int ids")
+            n = len(ids)
+            for k in ("pending", "forward_calls", "skipped_updates"):
+                v = meta[k]
+                if not isinstance(v, list) or len(v) != n:
+                    raise ValueError(f"{k} must have one entry per session")
+                for c in v:
+                    check_int(k, c, 0)
+            check_int("pool_forward_calls", meta["pool_forward_calls"], 0)
+            check_int("skipped_requests", meta["skipped_requests"], 0)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
+        dt = meta["dtype"]
+        validate(host, {"lora_A": ((n, i, r), dt), "lora_B": ((n, r, o), dt),
+                        "grad_A": ((n, i, r), dt), "grad_B": ((n, r, o), dt)}, where)
+        pool = cls(i, o, r, meta["alpha"], backend=backend, dtype=dt if dtype is None else dtype,
+                   seed=meta["seed"] if isinstance(meta.get("seed"), int) else 0, init=meta["init"],
+                   capacity=max(n, 1))
+        be = pool.backend
+        for k, s in enumerate(ids):
+            ad = pool.create(s)
+            ad.load_state_arrays({key: be.asarray(host[key][k], dtype=pool.dtype_name) for key in host},
+                                 meta["pending"][k])
+            ad.forward_calls = meta["forward_calls"][k]
+            ad.skipped_updates = meta["skipped_updates"][k]
+        pool.forward_calls = meta["pool_forward_calls"]
+        pool.skipped_requests = meta["skipped_requests"]
+        return pool
+
+    def __repr__(self) -> str:
+        return (f"AdapterPool({len(self)} sessions, capacity={self.capacity}, in={self.in_features}, "
+                f"out={self.out_features}, r={self.rank}, backend={self.backend.name!r}, dtype={self.dtype_name})")
