@@ -218,16 +218,19 @@ class RankAllocator:
 
     def _update_importance(self, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None]) -> None:
         assert self.ema_ipt is not None and self.ema_unc is not None
-        names, ipts = [], []
+        entries: list[tuple[str, int]] = []
+        ipts = []
         for name in self.names:
-            g = grads.get(name)
-            if g is None or any(t is None for t in g):
+            g = grads.get(name) or (None, None, None)
+            missing = [part for part, gp in zip(PARTS, g) if gp is None]
+            if missing:  # PEFT reads p.grad per parameter: skip just those tensors
                 self.missing_grads[name] += 1
-                self._warn_once(f"missing:{name}", f"module {name!r} has no gradient; its importance "
-                                "is not updated this step (frozen or unused?)")
-                continue
-            names.append(name)
-            ipts.extend(importance(p, gp) for p, gp in zip(params[name], g))
+                self._warn_once(f"missing:{name}", f"module {name!r} has no gradient for {missing}; their "
+                                "importance is not updated (frozen or unused?)")
+            for j, (p, gp) in enumerate(zip(params[name], g)):
+                if gp is not None:
+                    entries.append((name, j))
+                    ipts.append(importance(p, gp))
         if not ipts:
             return
         xp = namespace(*ipts)
@@ -241,14 +244,12 @@ class RankAllocator:
             for name in self.names:
                 self.ema_ipt[name] = Triplet(*(xp.zeros_like(p) for p in params[name]))
                 self.ema_unc[name] = Triplet(*(xp.zeros_like(p) for p in params[name]))
-        ms, us = [], []
-        for name in names:
-            ms.extend(self.ema_ipt[name])
-            us.extend(self.ema_unc[name])
+        ms = [self.ema_ipt[n][j] for n, j in entries]
+        us = [self.ema_unc[n][j] for n, j in entries]
         new_m, new_u = self._ema_update(ms, us, ipts, self.config.beta1, self.config.beta2)
-        for i, name in enumerate(names):
-            self.ema_ipt[name] = Triplet(*new_m[3 * i : 3 * i + 3])
-            self.ema_unc[name] = Triplet(*new_u[3 * i : 3 * i + 3])
+        for (name, j), m, u in zip(entries, new_m, new_u):
+            self.ema_ipt[name] = self.ema_ipt[name]._replace(**{PARTS[j]: m})
+            self.ema_unc[name] = self.ema_unc[name]._replace(**{PARTS[j]: u})
 
     def scores(self) -> dict[str, Array]:
         """Current triplet score per module; empty before the first importance update."""
@@ -261,7 +262,7 @@ class RankAllocator:
 
     def _mask_to_budget(self, budget: int) -> None:
         scores = self.scores()
-        if not scores:  # no importance yet (finalising before any update): nothing to rank by
+        if not scores:  # no importance update applied yet: nothing to rank by, so prune nothing
             return
         threshold = kth_threshold(list(scores.values()), self.init_bgt - budget)
         self.masks = {n: keep_mask(scores[n], threshold) for n in self.names}

@@ -1,8 +1,10 @@
 """Tiny functional optimizers, so NumPy and CuPy users can train without a framework.
 
-State is a dict of arrays; every call returns new params and new state. Adam
-follows ``torch.optim.Adam`` (bias-corrected, L2 ``weight_decay`` added to
-the gradient) so a NumPy run can be compared with a torch one.
+State is a dict: arrays (``"m.<name>"``, ``"v.<name>"``) and a JSON-ready
+``"step"`` entry; every call returns new params and new state. Adam follows
+``torch.optim.Adam`` (bias-corrected, L2 ``weight_decay`` added to the
+gradient, and a step count per parameter that does not advance while the
+parameter has no gradient) so a NumPy run can be compared with a torch one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Adam:
         check_float("weight_decay", self.weight_decay, 0.0)
 
     def init(self, params: Mapping[str, Array]) -> dict[str, Any]:
-        state: dict[str, Any] = {"step": 0}
+        state: dict[str, Any] = {"step": dict.fromkeys(params, 0)}
         for k, p in params.items():
             xp = namespace(p)
             state[f"m.{k}"] = xp.zeros_like(p)
@@ -43,17 +45,18 @@ class Adam:
         self, params: Mapping[str, Array], grads: Mapping[str, Array | None], state: Mapping[str, Any]
     ) -> tuple[dict[str, Array], dict[str, Any]]:
         """One update; parameters whose gradient is None are left as they are."""
-        t = state["step"] + 1
+        steps = dict(state["step"])
         new_p: dict[str, Array] = {}
-        new_s: dict[str, Any] = {"step": t}
-        bc1 = 1 - self.beta1**t
-        bc2 = 1 - self.beta2**t
+        new_s: dict[str, Any] = {"step": steps}
         for k, p in params.items():
             g = grads.get(k)
             m, v = state[f"m.{k}"], state[f"v.{k}"]
             if g is None:
                 new_p[k], new_s[f"m.{k}"], new_s[f"v.{k}"] = p, m, v
                 continue
+            steps[k] = t = steps[k] + 1
+            bc1 = 1 - self.beta1**t
+            bc2 = 1 - self.beta2**t
             xp = namespace(p, g)
             if self.weight_decay:
                 g = g + self.weight_decay * p

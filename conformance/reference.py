@@ -350,6 +350,7 @@ class ReferenceAllocator:
         self.final_pattern: dict[str, list[bool]] | None = None
         self.finalized = False
         self.skipped_steps = 0
+        self.importance_updates = 0  # applied (not skipped) importance updates
         self.last_budget: int | None = None
         # EMAs are created lazily from the first params' shapes (zeros).
         self.exp_avg_ipt: dict[str, list[np.ndarray | None]] | None = {}
@@ -390,6 +391,7 @@ class ReferenceAllocator:
                 if gt is not None and not np.all(np.isfinite(np.asarray(gt, dtype=np.float64))):
                     self.skipped_steps += 1
                     return
+        updated = False
         for name in self.names:
             gtuple = grads.get(name) if grads is not None else None
             if gtuple is None:  # missing gradient: skip this module
@@ -407,6 +409,9 @@ class ReferenceAllocator:
                 )
                 self.exp_avg_ipt[name][j] = m
                 self.exp_avg_unc[name][j] = u
+                updated = True
+        if updated:
+            self.importance_updates += 1
 
     def scores(self) -> dict[str, np.ndarray]:
         """Current triplet scores ``{name: (r,)}`` from the EMAs."""
@@ -419,7 +424,10 @@ class ReferenceAllocator:
 
     def _mask_to_budget(
         self, params, budget: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, list[bool]]]:
+    ) -> tuple[dict[str, np.ndarray], dict[str, list[bool]] | None]:
+        if self.importance_updates == 0:
+            # No importance has been measured yet: nothing to rank by, prune nothing.
+            return {n: _f64(params[n][1]) for n in self.names}, self.rank_pattern
         scores = self.scores()
         threshold = kth_threshold([scores[n] for n in self.names], self.init_bgt - budget)
         Es: dict[str, np.ndarray] = {}
@@ -440,7 +448,7 @@ class ReferenceAllocator:
         Es = {}
         for name in self.names:
             E = _f64(params[name][1])
-            for i, k in enumerate(pattern[f"{name}.lora_E"]):
+            for i, k in enumerate((pattern or {}).get(f"{name}.lora_E", ())):
                 if not k:
                     E[i, ...] = 0.0
             Es[name] = E
@@ -479,7 +487,7 @@ class ReferenceAllocator:
         Es, pattern = self._mask_to_budget(params, self.target_bgt)
         self.last_budget = self.target_bgt
         self.rank_pattern = pattern
-        self.final_pattern = {k: list(v) for k, v in pattern.items()}
+        self.final_pattern = {k: list(v) for k, v in (pattern or {}).items()}
         self.finalized = True
         self.exp_avg_ipt = None
         self.exp_avg_unc = None
