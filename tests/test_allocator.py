@@ -212,3 +212,24 @@ def test_load_state_dict_validates_before_changing_anything():
     after = other.state_dict()
     for k in before[0]:
         np.testing.assert_array_equal(before[0][k], after[0][k])
+
+
+def test_no_pruning_before_any_importance_was_measured():
+    alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    params = make(0)
+    nan = {n: g._replace(E=g.E * np.nan) for n, g in make(1).items()}
+    with pytest.warns(AdaLoraWarning):
+        for step in range(0, 10):  # step 6 and 9 are mask steps
+            E = alloc.update_and_allocate(step, params, nan)
+    assert alloc.skipped_steps == 10 and alloc.rank_pattern == {}
+    for n in SHAPES:
+        np.testing.assert_array_equal(E[n], params[n].E)
+
+
+def test_a_missing_tensor_gradient_skips_only_that_tensor():
+    alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    grads = make(1)
+    grads["a"] = grads["a"]._replace(E=None)
+    with pytest.warns(AdaLoraWarning, match=r"'a' has no gradient for \['E'\]"):
+        alloc.update_and_allocate(0, make(0), grads)
+    assert np.any(alloc.ema_ipt["a"].A) and not np.any(alloc.ema_ipt["a"].E)
