@@ -13,6 +13,9 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILDER = os.path.join("native", "build.py")
+
 
 def _warn(exc: BaseException) -> None:
     bar = "*" * 72
@@ -42,12 +45,14 @@ class optional_build_ext(build_ext):
 
 
 kwargs = {"cmdclass": {"build_ext": optional_build_ext}}
-if os.environ.get("ADALORA_NATIVE_BUILD", "1").strip() != "0":
+if not os.path.exists(os.path.join(HERE, BUILDER)):
+    _warn(FileNotFoundError(f"{BUILDER} is missing from this source tree"))
+elif os.environ.get("ADALORA_NATIVE_BUILD", "1").strip() != "0":
     try:
         import cffi  # noqa: F401  (a build requirement; absent only in odd setups)
     except ImportError as exc:
         _warn(exc)
     else:
-        kwargs["cffi_modules"] = ["native/build.py:ffibuilder"]
+        kwargs["cffi_modules"] = [f"{BUILDER}:ffibuilder"]
 
 setup(**kwargs)

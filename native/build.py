@@ -4,8 +4,9 @@
 (``pip install .`` or ``pip install -e .``). To build by hand from the repo
 root: ``python native/build.py`` (writes the module into ``adalora_core/``).
 
-The declarations given to cffi are read from ``include/adalora_native.h``, so
-the header is the single description of the C API. The AVX2 code is compiled
+The declarations given to cffi are read from ``include/adalora_native.h`` and
+``include/adalora_native_py.h``, so the headers are the single description of
+the C API. The AVX2 code is compiled
 with ``__attribute__((target("avx2,fma")))`` per function, never a global
 ``-mavx2``: the same binary runs on any x86-64 CPU and dispatch.c picks the
 path at load time.
@@ -39,6 +40,12 @@ SOURCES = [
 ]
 HEADERS = ["adalora_native.h", "adalora_native_py.h"]
 INCLUDE_DIRS = [_rel("include"), _rel("src")]
+# rebuild when these change; setuptools also ships them in an sdist
+DEPENDS = [_rel("include", h) for h in HEADERS] + [
+    _rel("src", "kernels.h"),
+    _rel("src", "impl_common.h"),
+    _rel("build.py"),
+]
 
 if sys.platform == "win32":
     EXTRA_COMPILE_ARGS: list[str] = ["/O2"]
@@ -83,6 +90,7 @@ ffibuilder.set_source(
     include_dirs=INCLUDE_DIRS,
     define_macros=[("ADL_BUILD_INFO", '"' + _build_info() + '"')],
     extra_compile_args=EXTRA_COMPILE_ARGS,
+    depends=DEPENDS,
     optional=True,  # a failed compile warns; the package falls back to numpy
 )
 
