@@ -69,6 +69,7 @@ else:
 __all__ = [
     "OPS",
     "NativeBackend",
+    "active_isa",
     "info",
     "is_available",
     "lora_accumulate",
@@ -396,7 +397,8 @@ def _fp(a: np.ndarray) -> Any:
     return _ffi.from_buffer("float[]", a if a.flags.c_contiguous else a.T)
 
 
-def _lp(name: str, A: np.ndarray) -> int:
+def _lp(A: np.ndarray) -> int:
+    """ADL_ROW_MAJOR for C order, else ADL_RANK_MAJOR (A.T is C-contiguous)."""
     return _ROW_MAJOR if A.flags.c_contiguous else _RANK_MAJOR
 
 
@@ -446,7 +448,7 @@ def _checked_forward_add(x, A, B, scaling, out) -> None:
     _no_overlap({"out": out}, {"x": x, "A": A, "B": B})
     if x.size == 0 or out.size == 0:
         return
-    _lib.adl_lora_forward_add(_fp(x), n, in_, _fp(A), _lp("A", A), r, _fp(B), out_f, s, _fp(out))
+    _lib.adl_lora_forward_add(_fp(x), n, in_, _fp(A), _lp(A), r, _fp(B), out_f, s, _fp(out))
 
 
 def _checked_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
@@ -480,12 +482,12 @@ def _checked_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> None:
         in_,
         out_f,
         _fp(A),
-        _lp("A", A),
+        _lp(A),
         r,
         _fp(B),
         c,
         _fp(gA),
-        _lp("gA", gA),
+        _lp(gA),
         _fp(gB),
     )
 
@@ -564,11 +566,10 @@ def _bad_index(idx: np.ndarray, pos: int, m: int) -> ValueError:
 
 def _checked_forward_add_batched(x, A_stack, B_stack, scaling, idx, out) -> None:
     _need_lib()
-    if not isinstance(A_stack, np.ndarray) or A_stack.ndim != 3:
-        _arr("A_stack", A_stack, (3,), orders="CF")  # raises the type/dtype/ndim error
     x = _arr("x", x, (2,))
-    if A_stack.dtype != _F32:
-        _arr("A_stack", A_stack, (3,))
+    if (not isinstance(A_stack, np.ndarray) or A_stack.dtype != _F32 or A_stack.ndim != 3
+            or not A_stack.flags.aligned):  # fmt: skip
+        _arr("A_stack", A_stack, (3,), orders="CF")  # raises the type/dtype/ndim/alignment error
     layout = _stack_layout("A_stack", A_stack)
     B_stack = _arr("B_stack", B_stack, (3,))
     out = _arr("out", out, (2,), writeable=True)
@@ -848,6 +849,9 @@ OPS = {
 }
 
 
+_configure()  # apply ADALORA_NATIVE now (an error is reported by is_available/info)
+
+
 class NativeBackend(NumpyBackend):
     """NumPy arrays with the C kernels registered as ``ops`` overrides."""
 
@@ -868,14 +872,14 @@ def kernel_ns_forward_add(x, A, B, scaling, out, iters: int = 10000) -> float:
     x = _arr("x", x, (1,))
     in_, r = A.shape
     return _lib.adl_bench_forward_add(
-        _fp(x), in_, _fp(A), _lp("A", A), r, _fp(B), B.shape[1], float(scaling), _fp(out), iters
+        _fp(x), in_, _fp(A), _lp(A), r, _fp(B), B.shape[1], float(scaling), _fp(out), iters
     )
 
 
 def kernel_ns_accumulate(x, grad_out, A, B, c, gA, gB, iters: int = 10000) -> float:
     """Nanoseconds per call of the accumulate kernel alone (one vector; gA in A's layout)."""
     _checked_accumulate(x, grad_out, A, B, c, 1.0, gA, gB)
-    if _lp("A", A) != _lp("gA", gA):
+    if _lp(A) != _lp(gA):
         raise ValueError("kernel_ns_accumulate needs gA in A's layout")
     in_, r = A.shape
     return _lib.adl_bench_accumulate(
@@ -884,7 +888,7 @@ def kernel_ns_accumulate(x, grad_out, A, B, c, gA, gB, iters: int = 10000) -> fl
         in_,
         B.shape[1],
         _fp(A),
-        _lp("A", A),
+        _lp(A),
         r,
         _fp(B),
         float(c),
