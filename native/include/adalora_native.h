@@ -12,7 +12,9 @@
  *   - LoRA B (r, out) is always rank-major: B[k*out + j];
  *   - outputs must not alias inputs (out, gA, gB, param... are written in
  *     place; x, A, B, grad_out... are read only), except where stated;
- *   - sizes are element counts (size_t); rank r >= 1; every dimension >= 1.
+ *   - sizes are element counts (size_t); 0 is allowed (empty sums are 0); rank
+ *     r = 0 is a no-op for the entry points below (the Python layer rejects
+ *     it as an error).
  * The kernels never allocate and hold no global state besides the dispatch
  * table chosen once (adl_select_isa / at load time). They are thread-safe
  * when concurrent calls write to distinct outputs.
