@@ -113,6 +113,7 @@ def lora_forward_add(x: Array, A: Array, B: Array, scaling: float, out: Array, *
 
     x ``(in,)`` or ``(n, in)``; A ``(in, r)``; B ``(r, out)``; out ``(out,)`` or ``(n, out)``.
     """
+    namespace(x, A, B, out)  # one library, or a TypeError naming them
     check_rows("x", x, int(A.shape[0]), "out", out, int(B.shape[1]), A.dtype)
     delta = scaling * ((x @ A) @ B)
     if inplace:
@@ -130,6 +131,7 @@ def lora_accumulate(
     ``dB = s*reward * outer(x @ A, grad_out)``, ``dA = s*reward * outer(x, grad_out @ B.T)``;
     written into ``gA``/``gB`` when ``inplace``.
     """
+    namespace(x, grad_out, A, B, gA, gB)
     check_rows("x", x, int(A.shape[0]), "grad_out", grad_out, int(B.shape[1]), A.dtype)
     c = float(scaling) * float(reward)
     if x.ndim == 1:
