@@ -24,6 +24,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 _ALIASES = {"strict": "array_api_strict", "np": "numpy", "pytorch": "torch"}
 _cache: dict[tuple[str, str], Backend] = {}
+_missing: dict[str, str] = {}  # backend -> why its library failed to import
 
 
 def _default_numpy_name() -> str:
@@ -51,15 +52,17 @@ def get_backend(name: str | Backend | None = None, device: Any = None) -> Backen
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known: {sorted(_REGISTRY)}")
+    if key in _missing:  # a failed import is not retried (retrying torch's can abort the process)
+        raise ValueError(f"backend {key!r} is not available here ({_missing[key]})")
     cache_key = (key, str(device))
     if cache_key not in _cache:
         module, cls = _REGISTRY[key]
         try:
             mod = importlib.import_module(f"{__name__}.{module}")
         except ImportError as exc:
-            raise ValueError(
-                f"backend {key!r} is not available here ({exc}); available: {available_backends()}"
-            ) from exc
+            _missing[key] = str(exc)
+            raise ValueError(f"backend {key!r} is not available here ({exc}); "
+                             "see adalora_core.available_backends()") from exc
         _cache[cache_key] = getattr(mod, cls)(device)
     return _cache[cache_key]
 
