@@ -210,28 +210,48 @@ class SVDLayer(nn.Module):
     def get_delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def to_merge(self, adapter_names: Sequence[str] | None = None) -> list[str]:
+        """The adapters :meth:`merge` would merge: the active ones by default, not merged yet."""
+        return [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                if n in self.lora_A and n not in self.merged_adapters]
+
+    def merged_weight(self, names: Sequence[str], sign: int = +1) -> torch.Tensor:
+        """The base weight with the adapters ``names`` added (``sign=-1``: subtracted); nothing is written.
+
+        Raises a ValueError if the result would hold non-finite values.
+        """
+        W = self.base_layer.weight.detach()
+        with torch.no_grad():
+            for name in names:
+                W = self._combined(W, name, sign)
+        return W
+
+    def commit_merge(self, weight: torch.Tensor, names: Sequence[str]) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+        self.merged_adapters.extend(names)
+
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
         """Add the adapters' ``ΔW`` to the base weight (the active adapters by default).
 
         Raises, with the weight unchanged, if the result would hold non-finite values.
         """
-        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
-                 if n in self.lora_A and n not in self.merged_adapters]
-        for name in names:
-            self._combine(name, +1)
-            self.merged_adapters.append(name)
+        names = self.to_merge(adapter_names)
+        if names:
+            self.commit_merge(self.merged_weight(names), names)
 
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added, last merged first."""
         if not self.merged:
             warnings.warn("already unmerged; nothing to do", stacklevel=2)
             return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.lora_A:
-                self._combine(name, -1)
+        names = [n for n in reversed(self.merged_adapters) if n in self.lora_A]
+        weight = self.merged_weight(names, -1)
+        with torch.no_grad():
+            self.base_layer.weight.copy_(weight)
+        self.merged_adapters.clear()
 
-    def _combine(self, name: str, sign: int) -> None:
+    def _combined(self, W: torch.Tensor, name: str, sign: int) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -271,13 +291,10 @@ class SVDLinear(SVDLayer):
         A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
         return triplet.delta_weight(A, E, B, self.scaling[name], self.ranknum[name], self.fan_in_fan_out)
 
-    def _combine(self, name: str, sign: int) -> None:
-        W = self.base_layer.weight
+    def _combined(self, W: torch.Tensor, name: str, sign: int) -> torch.Tensor:
         args = (*(t.detach() for t in self.triplet(name)), self.scaling[name], self.ranknum[name].detach(),
                 self.fan_in_fan_out)
-        with torch.no_grad():
-            new = triplet.merge(W.detach(), *args) if sign > 0 else triplet.unmerge(W.detach(), *args)
-            W.copy_(new)
+        return triplet.merge(W, *args) if sign > 0 else triplet.unmerge(W, *args)
 
 
 class SVDConv2d(SVDLayer):
@@ -309,13 +326,11 @@ class SVDConv2d(SVDLayer):
         return F.conv2d(x, self.get_delta_weight(name), stride=b.stride, padding=b.padding,
                         dilation=b.dilation, groups=b.groups)
 
-    def _combine(self, name: str, sign: int) -> None:
-        W = self.base_layer.weight
-        flat = W.detach().reshape(W.shape[0], -1)
+    def _combined(self, W: torch.Tensor, name: str, sign: int) -> torch.Tensor:
+        flat = W.reshape(W.shape[0], -1)
         args = (*(t.detach() for t in self.triplet(name)), self.scaling[name], self.ranknum[name].detach())
-        with torch.no_grad():
-            new = triplet.merge(flat, *args) if sign > 0 else triplet.unmerge(flat, *args)
-            W.copy_(new.reshape(W.shape))
+        new = triplet.merge(flat, *args) if sign > 0 else triplet.unmerge(flat, *args)
+        return new.reshape(W.shape)
 
 
 def wrap(module: nn.Module) -> SVDLayer:

@@ -368,21 +368,19 @@ class AdaLoraModel(nn.Module):
     # ------------------------------------------------------------------ merge
 
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Add the active adapter's ``ΔW`` into the base weights (all or none: a failure rolls back)."""
+        """Add the active adapter's ``ΔW`` into the base weights.
+
+        All merged weights are computed (and checked finite) before any is
+        written: a failure leaves every weight as it was.
+        """
         self._check_loaded()
-        done = []
-        try:
-            for layer in self.svd_layers().values():
-                before = len(layer.merged_adapters)
-                layer.merge(adapter_names)
-                if len(layer.merged_adapters) > before:
-                    done.append((layer, len(layer.merged_adapters) - before))
-        except BaseException:
-            for layer, n in reversed(done):
-                for _ in range(n):
-                    name = layer.merged_adapters.pop()
-                    layer._combine(name, -1)
-            raise
+        plan = []
+        for layer in self.svd_layers().values():
+            names = layer.to_merge(adapter_names)
+            if names:
+                plan.append((layer, layer.merged_weight(names), names))
+        for layer, weight, names in plan:
+            layer.commit_merge(weight, names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weights."""
