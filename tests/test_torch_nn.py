@@ -375,3 +375,18 @@ def test_lazy_public_names():
     from transformers import TrainerCallback
 
     assert issubclass(ac.AdaLoraCallback, TrainerCallback)
+
+
+def test_foreach_ema_override_is_bit_identical_to_the_core():
+    from adalora_core.allocator import ema_update
+    from adalora_core.backends.torch_nn.model import foreach_ema_update
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 16), (4, 1), (32, 4), (0, 8), (3, 3)]
+    ms, us, ipts = ([torch.rand(s, generator=g) * 10 ** torch.randint(-8, 3, (1,), generator=g).item()
+                     for s in shapes] for _ in range(3))
+    for b1, b2 in ((0.85, 0.85), (0.5, 0.999), (1e-3, 0.3)):
+        ref_m, ref_u = ema_update(ms, us, ipts, b1, b2)
+        got_m, got_u = foreach_ema_update(ms, us, ipts, b1, b2)
+        assert all(torch.equal(a, b) for a, b in zip(ref_m + ref_u, got_m + got_u))
+    assert foreach_ema_update([], [], [], 0.85, 0.85) == ([], [])

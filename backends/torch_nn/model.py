@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from adalora_core.allocator import RankAllocator
+from adalora_core.backends import Backend, get_backend
 from adalora_core.checkpoint import load_adapter, load_arrays, read_adapter_config, save_adapter, save_arrays
 from adalora_core.config import AdaLoraConfig
 from adalora_core.errors import CheckpointError
@@ -76,6 +77,7 @@ class AdaLoraModel(nn.Module):
         # adapter -> module -> kept indices into init_r, for modules loaded at a pruned rank
         self._kept_index: dict[str, dict[str, list[int]]] = {}
         self._unloaded = False
+        self._layers: dict[str, SVDLayer] | None = None
         try:
             self._inject(adapter_name, config, checkpoint=_checkpoint)
         except BaseException:
@@ -119,11 +121,23 @@ class AdaLoraModel(nn.Module):
             raise RuntimeError("this AdaLoraModel was unloaded (merge_and_unload/unload); use the returned model")
 
     def svd_layers(self) -> dict[str, SVDLayer]:
-        """``{module path: SVD layer}`` in ``named_modules()`` order (PEFT's module order)."""
-        return {k: m for k, m in self.model.named_modules() if isinstance(m, SVDLayer)}
+        """``{module path: SVD layer}`` in ``named_modules()`` order (PEFT's module order).
+
+        Cached (walking a large model every step costs more than the allocator's
+        bookkeeping); every method here that changes the structure refreshes it.
+        """
+        if self._layers is None:
+            self._layers = {k: m for k, m in self.model.named_modules() if isinstance(m, SVDLayer)}
+        return dict(self._layers)
 
     def _adapter_layers(self, name: str) -> dict[str, SVDLayer]:
         return {k: m for k, m in self.svd_layers().items() if name in m.lora_A}
+
+    def _device(self) -> torch.device:
+        for layer in self.svd_layers().values():
+            for p in _adapter_parameters(layer):
+                return p.device
+        return torch.device("cpu")
 
     def _require(self, name: str | None, what: str = "adapter") -> str:
         if name is None or name not in self.peft_config:
@@ -183,6 +197,7 @@ class AdaLoraModel(nn.Module):
             layer.fast_forward = self.fast_forward
             layer.update_layer(adapter_name, config.init_r, config, trainable=trainable,
                                autocast_adapter_dtype=self.autocast_adapter_dtype)
+        self._layers = None
         kept: dict[str, list[int]] = {}
         if loaded is not None:
             layers = {k: self.model.get_submodule(k) for k in names}
@@ -202,7 +217,7 @@ class AdaLoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         if trainable:
             ranks = {k: layer.r[adapter_name] for k, layer in self._adapter_layers(adapter_name).items()}
-            self.allocator = RankAllocator(config, ranks)
+            self.allocator = RankAllocator(config, ranks, backend=_allocator_backend(self._device()))
             self.trainable_adapter_name = adapter_name
 
     # -------------------------------------------------------------- adapters
@@ -395,6 +410,7 @@ class AdaLoraModel(nn.Module):
         for path, layer in self.svd_layers().items():
             parent, child = get_submodule_parent(self.model, path)
             setattr(parent, child, layer.base_layer)
+        self._layers = None
         self._unloaded = True
         return self.model
 
@@ -516,6 +532,32 @@ class AdaLoraModel(nn.Module):
         """Read :meth:`save_training_state` output back (validated; a bad file changes nothing)."""
         tensors, meta = load_arrays(path, convert=torch.from_numpy)
         self.load_training_state_dict(tensors, meta)
+
+
+def foreach_ema_update(ms: Sequence[torch.Tensor], us: Sequence[torch.Tensor], ipts: Sequence[torch.Tensor],
+                       beta1: float, beta2: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The core's ``ema_update`` with ``torch._foreach_*``: the same ops in the same order, so the same bits.
+
+    ``m = beta1 m + (1 - beta1) ipt``; ``u = beta2 u + (1 - beta2) |ipt - m|``
+    (separate multiplies and adds, never a fused ``alpha=`` add, to round as
+    PEFT does). One kernel launch per op for all tensors instead of one per tensor.
+    """
+    if not ms:
+        return [], []
+    m = torch._foreach_mul(list(ms), beta1)
+    torch._foreach_add_(m, torch._foreach_mul(list(ipts), 1 - beta1))
+    d = torch._foreach_sub(list(ipts), m)
+    torch._foreach_abs_(d)
+    torch._foreach_mul_(d, 1 - beta2)
+    u = torch._foreach_mul(list(us), beta2)
+    torch._foreach_add_(u, d)
+    return m, u
+
+
+def _allocator_backend(device: torch.device) -> Backend:
+    """The torch backend for ``device`` with the fused EMA override."""
+    tb = get_backend("torch", device=device)
+    return Backend(name=tb.name, xp=tb.xp, device=tb.device, ops={**tb.ops, "ema_update": foreach_ema_update})
 
 
 def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
