@@ -335,4 +335,4 @@ class EwcConfig:
         return cls(**dict(data))
 
 
-__all__ += ["EwcConfig", "KNOWN_MODULES", "MicroLoraConfig"]
+__all__ += ["KNOWN_MODULES", "EwcConfig", "MicroLoraConfig"]

@@ -35,6 +35,7 @@ from .lora import is_mutable, owned_copy
 
 __all__ = [
     "EwcState",
+    "explicit_step",
     "fisher_ema",
     "fisher_window",
     "lora_apply_ewc",
@@ -42,7 +43,6 @@ __all__ = [
     "penalty",
     "penalty_grad",
     "proximal_step",
-    "explicit_step",
 ]
 
 

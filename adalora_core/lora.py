@@ -49,8 +49,8 @@ from .config import check_float, check_int
 from .errors import AdaLoraWarning
 
 __all__ = [
-    "LORA_INITS",
     "GOLDEN",
+    "LORA_INITS",
     "LoraAdapter",
     "golden_init",
     "is_mutable",
@@ -170,7 +170,7 @@ def lora_forward_add_batched(
     (``xp.take``) and two batched matmuls.
     """
     xp = namespace(x, A_stack, B_stack, out)
-    m, in_f, _ = _shape(A_stack)
+    _, in_f, _ = _shape(A_stack)
     check_rows("x", x, in_f, "out", out, int(B_stack.shape[2]), A_stack.dtype)
     if x.ndim != 2:
         raise ValueError(f"x must be a batch (n, in), got shape {_shape(x)}")

@@ -471,7 +471,7 @@ class MicroLoRA:
             for k, v in counters.items():
                 check_int(k, v, 0)
             if not isinstance(meta.get("enabled"), bool):
-                raise ValueError(f"enabled={meta.get('enabled')!r} must be a bool")
+                raise TypeError(f"enabled={meta.get('enabled')!r} must be a bool")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
         expect: dict[str, tuple[tuple[int, ...], str]] = {}

@@ -23,6 +23,7 @@ adapters share one lock.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
@@ -317,7 +318,7 @@ class AdapterPool:
             if len(rw) != n:
                 raise ValueError(f"reward must be a number or {n} numbers, got {len(rw)}")
             fin = self.backend.to_numpy(xp.all(xp.isfinite(x), axis=1) & xp.all(xp.isfinite(grad_out), axis=1))
-            ok = [bool(f) and (v == v and abs(v) != float("inf")) for f, v in zip(fin, rw)]
+            ok = [bool(f) and math.isfinite(v) for f, v in zip(fin, rw)]
             rewards = self.backend.asarray([v if k else 0.0 for v, k in zip(rw, ok)], dtype=self.dtype_name)
         with self._lock:
             missing = [s for s in ids if s not in self._slots]

@@ -107,6 +107,8 @@ def test_windowed_fisher_and_normalisation(backend):
     np.testing.assert_allclose(host(backend, st.fisher_b), F[1], rtol=1e-5, atol=1e-6)
     assert host(backend, st.fisher_a).max() == pytest.approx(1.0) and host(backend, st.fisher_a).min() == 0.0
     assert st.window_steps == 0
+    np.testing.assert_array_equal(host(backend, st.optimal_a), A)
+    np.testing.assert_array_equal(host(backend, st.optimal_b), B)
 
 
 def test_minmax_constant_is_zero(backend):
@@ -159,7 +161,7 @@ def test_proximal_is_stable_where_explicit_diverges(backend):
     """lr * lam * F = 3 > 2: the explicit step oscillates with growing amplitude, the proximal one contracts."""
     results = {}
     for update in ("proximal", "explicit"):
-        ad, A, B = make(backend, 6)
+        ad, _, _ = make(backend, 6)
         st = EwcState(dev(backend, np.full((D_IN, RANK), 3.0)), dev(backend, np.full((RANK, D_OUT), 3.0)),
                       dev(backend, np.zeros((D_IN, RANK))), dev(backend, np.zeros((RANK, D_OUT))),
                       config=EwcConfig(update=update, update_fisher=False))

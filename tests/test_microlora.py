@@ -8,8 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 from adalora_core.backends import get_backend
+
 from adalora_core.checkpoint import load_arrays, save_arrays
 from adalora_core.config import KNOWN_MODULES, EwcConfig, MicroLoraConfig
 from adalora_core.errors import AdaLoraWarning, CheckpointError

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
-
 from adalora_core.backends import available_backends, get_backend
+
 from adalora_core.config import KNOWN_MODULES, EwcConfig, MicroLoraConfig
 from adalora_core.microlora import AdaptFeedback, MicroLoRA
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from adalora_core.backends import get_backend
+
 from adalora_core.checkpoint import load_arrays, save_arrays
 from adalora_core.errors import AdaLoraWarning, CheckpointError
 from adalora_core.pool import POOL_FORMAT_VERSION, AdapterPool
