@@ -46,7 +46,8 @@ FORMAT_VERSION = 1
 class AdaptFeedback:
     """Feedback on one request (or a batch of requests sharing it).
 
-    ``quality``: a finite score in [0, 1]. ``gradient_estimate``: the gradient
+    ``quality``: a finite score in [0, 1] (anything else is a ValueError; the
+    original silently skipped a negative quality). ``gradient_estimate``: the gradient
     of the loss with respect to the adapted module's output, ``(out,)`` (or
     ``(n, out)`` for a batch input): a list, a tuple or a real floating array
     (cast to the adapter's dtype; an array of another library, say NumPy
