@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from adalora_core.conformance import reference as R
 
 from adalora_core.config import EwcConfig, MicroLoraConfig
 from adalora_core.ewc import EwcState, minmax_normalise
 from adalora_core.lora import LoraAdapter
 from adalora_core.microlora import AdaptFeedback, MicroLoRA
-from conformance import reference as R
 
 D_IN, D_OUT, RANK = 20, 12, 2
 

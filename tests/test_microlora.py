@@ -9,13 +9,13 @@ import warnings
 import numpy as np
 import pytest
 from adalora_core.backends import get_backend
+from adalora_core.conformance import reference as R
 
 from adalora_core.checkpoint import load_arrays, save_arrays
 from adalora_core.config import KNOWN_MODULES, EwcConfig, MicroLoraConfig
 from adalora_core.errors import AdaLoraWarning, CheckpointError
 from adalora_core.lora import LoraAdapter
 from adalora_core.microlora import FORMAT_VERSION, AdaptFeedback, MicroLoRA
-from conformance import reference as R
 
 D_IN, D_OUT = 32, 24
 

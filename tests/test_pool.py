@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from adalora_core.backends import get_backend
+from adalora_core.conformance import reference as R
 
 from adalora_core.checkpoint import load_arrays, save_arrays
 from adalora_core.errors import AdaLoraWarning, CheckpointError
 from adalora_core.pool import POOL_FORMAT_VERSION, AdapterPool
-from conformance import reference as R
 
 IN, OUT = 20, 14
 
