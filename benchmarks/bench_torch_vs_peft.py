@@ -124,8 +124,8 @@ def main() -> None:
 
     base, targets = build(args.model, args.hidden, args.layers)
     total = 10 * (args.warmup + args.steps) + 10
-    cfg = dict(target_modules=targets, init_r=args.init_r, target_r=args.init_r // 2, tinit=0, tfinal=0,
-               deltaT=1, total_step=total, lora_alpha=16)
+    cfg = {"target_modules": targets, "init_r": args.init_r, "target_r": args.init_r // 2, "tinit": 0, "tfinal": 0,
+               "deltaT": 1, "total_step": total, "lora_alpha": 16}
     runners = {"peft": Runner("peft", base, cfg), "ours": Runner("ours", base, cfg),
                "ours (fast_forward)": Runner("ours", base, cfg, fast=True)}
     g = torch.Generator().manual_seed(0)

@@ -17,11 +17,11 @@ import tempfile
 import time
 
 import torch
+from adalora_core.backends.torch_nn import AdaLoraCallback, AdaLoraModel, AdaLoraTrainer
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import adalora_core as ac
-from adalora_core.backends.torch_nn import AdaLoraCallback, AdaLoraModel, AdaLoraTrainer
 
 
 class Copies(torch.utils.data.Dataset):

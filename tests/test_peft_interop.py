@@ -11,13 +11,14 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-import adalora_core as ac  # noqa: E402
-from adalora_core.backends.torch_nn import AdaLoraModel  # noqa: E402
-from adalora_core.backends.torch_nn import _parity as P  # noqa: E402
-from adalora_core.errors import CheckpointError  # noqa: E402
+from adalora_core.backends.torch_nn import AdaLoraModel
+from adalora_core.backends.torch_nn import _parity as P
+
+import adalora_core as ac
+from adalora_core.errors import CheckpointError
 
 # init_r 4 -> target 1 on 8 GPT-2 modules: the final allocation leaves some modules at rank 0
-CFG = dict(init_r=4, target_r=1, tinit=2, tfinal=4, deltaT=2, total_step=20, lora_alpha=8)
+CFG = {"init_r": 4, "target_r": 1, "tinit": 2, "tfinal": 4, "deltaT": 2, "total_step": 20, "lora_alpha": 8}
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from adalora_core.backends.torch_nn import _parity as P  # noqa: E402
+from adalora_core.backends.torch_nn import _parity as P
 
 KINDS = ["gpt2", "llama", "mlp", "conv"]
 STEPS = 61  # steps 0..60 = total_step: warm-up, budgeting (deltaT=3), final allocation at 48, replay
@@ -30,7 +30,7 @@ def _quiet():
         yield
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base(kind: str, dtype: str = "float32"):
     return P.build(kind, getattr(torch, dtype))
 
@@ -50,7 +50,7 @@ def our_path_params(om):
     return {n.replace("model.", "", 1): p for n, p in om.named_parameters() if ".lora_" in n or ".ranknum." in n}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trajectories(kind: str, **extra):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -280,14 +280,14 @@ def test_trainable_beside_inference_adapter():
         assert np.array_equal(ref[k], got[k]), k
     frozen_p = {k: v for k, v in peft_path_params(pm).items() if k.endswith(".frozen")}
     frozen_o = {k: v for k, v in our_path_params(om).items() if k.endswith(".frozen")}
-    for k in frozen_p:
-        assert torch.equal(frozen_p[k], frozen_o[k]), k
+    for k, v in frozen_p.items():
+        assert torch.equal(v, frozen_o[k]), k
 
 
 def test_load_adapter_beside(tmp_path):
     """A PEFT-saved adapter loaded as a second, inference adapter; outputs equal after set_adapter."""
     kind = "gpt2"
-    pm, om = _trained_pair(kind, steps=55)  # past the final allocation: pruned ranks
+    pm, _ = _trained_pair(kind, steps=55)  # past the final allocation: pruned ranks
     pm.save_pretrained(tmp_path / "peft")
     pm2, om2 = pair(kind, init_lora_weights=False)
     pm2.load_adapter(str(tmp_path / "peft"), adapter_name="loaded")

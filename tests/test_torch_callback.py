@@ -11,13 +11,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-import adalora_core as ac  # noqa: E402
-from adalora_core.backends.torch_nn import AdaLoraCallback, AdaLoraTrainer, add_orth_loss  # noqa: E402
-from adalora_core.backends.torch_nn import _parity as P  # noqa: E402
+from adalora_core.backends.torch_nn import AdaLoraCallback, AdaLoraTrainer, add_orth_loss
+from adalora_core.backends.torch_nn import _parity as P
+
+import adalora_core as ac
 
 STEPS = 8
-CFG = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=STEPS, lora_alpha=8,
-           target_modules=["c_attn", "c_proj"])
+CFG = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "total_step": STEPS, "lora_alpha": 8,
+           "target_modules": ["c_attn", "c_proj"]}
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +41,9 @@ class Ids(torch.utils.data.Dataset):
 
 
 def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
-                gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="no", report_to=[],
-                use_cpu=True, disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0, seed=0)
+    base = {"output_dir": str(tmp_path), "max_steps": STEPS, "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "save_strategy": "no", "report_to": [],
+                "use_cpu": True, "disable_tqdm": True, "logging_strategy": "no", "dataloader_num_workers": 0, "seed": 0}
     return transformers.TrainingArguments(**{**base, **kw})
 
 
@@ -147,7 +148,7 @@ def test_orth_counts_once_per_optimizer_step_under_accumulation():
 
 
 def test_trainer_checkpoint_resume_is_exact(tmp_path):
-    kw = dict(save_strategy="steps", save_steps=4, gradient_accumulation_steps=1)
+    kw = {"save_strategy": "steps", "save_steps": 4, "gradient_accumulation_steps": 1}
     full = model()
     AdaLoraTrainer(model=full, args=args(tmp_path / "a", **kw), train_dataset=Ids()).train()
     first = model()

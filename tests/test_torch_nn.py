@@ -8,15 +8,21 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from adalora_core.backends.torch_nn import (
+    AdaLoraModel,
+    SVDConv2d,
+    SVDLayer,
+    SVDLinear,
+    get_adalora_model,
+)
+from adalora_core.backends.torch_nn import _parity as P
+from adalora_core.backends.torch_nn.targets import find_targets
+from torch import nn
 
-import adalora_core as ac  # noqa: E402
-from adalora_core.backends.torch_nn import AdaLoraModel, SVDConv2d, SVDLayer, SVDLinear, get_adalora_model  # noqa: E402
-from adalora_core.backends.torch_nn import _parity as P  # noqa: E402
-from adalora_core.backends.torch_nn.targets import find_targets  # noqa: E402
-from adalora_core.errors import CheckpointError  # noqa: E402
+import adalora_core as ac
+from adalora_core.errors import CheckpointError
 
-CFG = dict(init_r=4, target_r=2, tinit=2, tfinal=4, deltaT=2, total_step=20, lora_alpha=8)
+CFG = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 4, "deltaT": 2, "total_step": 20, "lora_alpha": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -99,12 +105,12 @@ def test_default_targets_from_model_type():
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(target_modules=["q_proj", "v_proj"]),
-    dict(target_modules=r".*\.(q|k)_proj"),
-    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
-    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[0], layers_pattern="layers"),
-    dict(target_modules=["q_proj", "v_proj", "o_proj"], exclude_modules=["model.layers.0.self_attn.v_proj"]),
-    dict(target_modules=["model.layers.1.mlp.up_proj", "q_proj"]),
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"target_modules": r".*\.(q|k)_proj"},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [0], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "v_proj", "o_proj"], "exclude_modules": ["model.layers.0.self_attn.v_proj"]},
+    {"target_modules": ["model.layers.1.mlp.up_proj", "q_proj"]},
 ])
 def test_matching_agrees_with_peft(cfg):
     peft = pytest.importorskip("peft")
@@ -120,11 +126,11 @@ def test_matching_agrees_with_peft(cfg):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(target_modules=["blocks"]), "ModuleList, which AdaLoRA cannot adapt"),
-    (dict(target_modules=["fc_inn"]), "did you mean"),
-    (dict(target_modules=["up"], modules_to_save=["head"]), "modules_to_save"),
-    (dict(target_modules=["up"], bias="all"), "bias"),
-    (dict(target_modules=["up"], rank_pattern={"nope.lora_E": [True] * 4}), "rank_pattern"),
+    ({"target_modules": ["blocks"]}, "ModuleList, which AdaLoRA cannot adapt"),
+    ({"target_modules": ["fc_inn"]}, "did you mean"),
+    ({"target_modules": ["up"], "modules_to_save": ["head"]}, "modules_to_save"),
+    ({"target_modules": ["up"], "bias": "all"}, "bias"),
+    ({"target_modules": ["up"], "rank_pattern": {"nope.lora_E": [True] * 4}}, "rank_pattern"),
 ])
 def test_bad_injection_changes_nothing(overrides, match):
     m = mlp()
@@ -156,7 +162,7 @@ def test_two_trainable_adapters_are_refused():
         om.set_adapter("nope")
     with pytest.raises(ValueError, match="does not exist"):
         om.delete_adapter("nope")
-    with pytest.raises(ValueError, match="already an AdaLoraModel"):
+    with pytest.raises(TypeError, match="already an AdaLoraModel"):
         get_adalora_model(om, ac.AdaLoraConfig(**CFG, target_modules=["up"]))
 
 
@@ -378,8 +384,9 @@ def test_lazy_public_names():
 
 
 def test_foreach_ema_override_is_bit_identical_to_the_core():
-    from adalora_core.allocator import ema_update
     from adalora_core.backends.torch_nn.model import foreach_ema_update
+
+    from adalora_core.allocator import ema_update
 
     g = torch.Generator().manual_seed(0)
     shapes = [(4, 16), (4, 1), (32, 4), (0, 8), (3, 3)]

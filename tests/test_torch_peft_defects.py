@@ -14,11 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-import adalora_core as ac  # noqa: E402
-from adalora_core.backends.torch_nn import AdaLoraModel  # noqa: E402
-from adalora_core.backends.torch_nn import _parity as P  # noqa: E402
+from adalora_core.backends.torch_nn import AdaLoraModel
+from adalora_core.backends.torch_nn import _parity as P
 
-CFG = dict(init_r=4, target_r=2, tinit=2, tfinal=4, deltaT=1, total_step=20, lora_alpha=8)
+import adalora_core as ac
+
+CFG = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 4, "deltaT": 1, "total_step": 20, "lora_alpha": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +52,8 @@ def step_both(pm, om, step, opt_p=None, opt_o=None):
 # 1 ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad, field", [(dict(target_r=6), "target_r"), (dict(deltaT=0), "deltaT"),
-                                        (dict(tinit=-1), "tinit"), (dict(init_r=0), "init_r")])
+@pytest.mark.parametrize("bad, field", [({"target_r": 6}, "target_r"), ({"deltaT": 0}, "deltaT"),
+                                        ({"tinit": -1}, "tinit"), ({"init_r": 0}, "init_r")])
 def test_1_config_is_validated_up_front(bad, field):
     cfg = P.config_kwargs("mlp", **{**CFG, **bad})
     peft.AdaLoraConfig(**cfg)  # PEFT accepts it ...
@@ -60,7 +61,7 @@ def test_1_config_is_validated_up_front(bad, field):
         ac.AdaLoraConfig(**cfg)
 
 
-@pytest.mark.parametrize("bad", [dict(target_r=6), dict(deltaT=0)])
+@pytest.mark.parametrize("bad", [{"target_r": 6}, {"deltaT": 0}])
 def test_1_peft_fails_late_inside_the_allocator(bad):
     pm = P.peft(P.build("mlp"), **P.config_kwargs("mlp", **{**CFG, **bad}))
     for step in range(CFG["tinit"] + 1):  # warm-up: no masking, no failure yet
@@ -164,7 +165,7 @@ def test_4_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_4_budget_comes_from_the_loaded_ranks(tmp_path):
-    pm, om = pair()
+    _, om = pair()
     opt = torch.optim.AdamW(om.trainable_parameters(), lr=3e-2)
     for step in range(CFG["total_step"] - CFG["tfinal"] + 1):
         backward(om, step)

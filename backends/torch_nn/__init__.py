@@ -26,4 +26,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AdaLoraModel", "SVDConv2d", "SVDLayer", "SVDLinear", "get_adalora_model", *_LAZY]
+__all__ = [
+    "AdaLoraCallback",
+    "AdaLoraModel",
+    "AdaLoraTrainer",
+    "AdaLoraTrainerMixin",
+    "SVDConv2d",
+    "SVDLayer",
+    "SVDLinear",
+    "add_orth_loss",
+    "get_adalora_model",
+]

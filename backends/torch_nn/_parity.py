@@ -104,7 +104,7 @@ TARGETS: dict[str, list[str]] = {
 }
 
 # A schedule with warm-up, cubic budgeting with deltaT > 1, the final allocation and replay.
-SCHEDULE = dict(init_r=4, target_r=2, tinit=5, tfinal=12, deltaT=3, total_step=60, lora_alpha=8)
+SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 5, "tfinal": 12, "deltaT": 3, "total_step": 60, "lora_alpha": 8}
 
 
 def inputs(kind: str, step: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -194,8 +194,9 @@ def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
     """Train ``model`` (ours or PEFT's) for ``steps`` optimizer steps; record everything per step.
 
     Arrays: ``loss (steps,)``, ``grads (steps, n)``, ``weights (steps, n)``
-    (after the allocator), ``masks (steps, modules * init_r)`` (all True
-    before the first mask), and ``logits`` of the last step.
+    (after the allocator), ``E (steps, modules * r)`` (the singular values
+    alone), ``masks (steps, modules * init_r)`` (all True before the first
+    mask), and ``logits`` of the last step.
     """
     import numpy as np
 
@@ -220,5 +221,9 @@ def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
         rp = rank_pattern(model)
         r = params[1][1].shape[0]
         masks.append(np.array([b for m in modules for b in rp.get(f"{m}.lora_E", [True] * r)], dtype=bool))
-    return {"loss": np.array(losses, dtype=np.float32), "grads": np.stack(grads), "weights": np.stack(weights),
-            "masks": np.stack(masks), "logits": out.logits.detach().float().numpy().copy()}
+    weights_ = np.stack(weights)
+    sizes = [p.numel() for _, p in params]
+    starts = np.cumsum([0, *sizes])
+    e_cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in range(1, len(params), 3)])
+    return {"loss": np.array(losses, dtype=np.float32), "grads": np.stack(grads), "weights": weights_,
+            "E": weights_[:, e_cols], "masks": np.stack(masks), "logits": out.logits.detach().float().numpy().copy()}

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from adalora_core.backends import get_backend
 from torch import nn
 from torch.nn import functional as F
 
 from adalora_core import triplet
-from adalora_core.backends import get_backend
 from adalora_core.config import AdaLoraConfig
 from adalora_core.random import init_triplet
 

@@ -27,11 +27,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from adalora_core.backends import Backend, get_backend
 from torch import nn
 
 from adalora_core.allocator import RankAllocator
-from adalora_core.backends import Backend, get_backend
-from adalora_core.checkpoint import load_adapter, load_arrays, read_adapter_config, save_adapter, save_arrays
+from adalora_core.checkpoint import (
+    load_adapter,
+    load_arrays,
+    read_adapter_config,
+    save_adapter,
+    save_arrays,
+)
 from adalora_core.config import AdaLoraConfig
 from adalora_core.errors import CheckpointError
 from adalora_core.orth import orth_reg
@@ -61,7 +67,7 @@ class AdaLoraModel(nn.Module):
                  autocast_adapter_dtype: bool = True, fast_forward: bool = False,
                  _checkpoint: str | os.PathLike[str] | None = None) -> None:
         if isinstance(model, AdaLoraModel):
-            raise ValueError("the model is already an AdaLoraModel; use add_adapter() to add another adapter")
+            raise TypeError("the model is already an AdaLoraModel; use add_adapter() to add another adapter")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if not isinstance(config, AdaLoraConfig):

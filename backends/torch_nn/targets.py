@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Sequence
+
 from torch import nn
 
 from adalora_core.config import AdaLoraConfig
