@@ -11,9 +11,13 @@ from typing import Any
 
 from .allocator import RankAllocator
 from .checkpoint import load_adapter, load_arrays, save_adapter, save_arrays
-from .config import AdaLoraConfig
+from .config import KNOWN_MODULES, AdaLoraConfig, EwcConfig, MicroLoraConfig
 from .errors import AdaLoraWarning, CheckpointError
+from .ewc import EwcState
+from .lora import LoraAdapter
+from .microlora import AdaptFeedback, MicroLoRA
 from .optim import SGD, Adam
+from .pool import AdapterPool
 from .schedule import budget_schedule
 from .triplet import Triplet
 
@@ -52,10 +56,18 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "KNOWN_MODULES",
     "AdaLoraConfig",
     "AdaLoraWarning",
     "Adam",
+    "AdaptFeedback",
+    "AdapterPool",
     "CheckpointError",
+    "EwcConfig",
+    "EwcState",
+    "LoraAdapter",
+    "MicroLoRA",
+    "MicroLoraConfig",
     "RankAllocator",
     "SGD",
     "Triplet",
