@@ -36,10 +36,19 @@ def _skip_unless_cpu_float32(backend: Any, dtype: str) -> None:
 
 
 def _quiet(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Warnings off and one torch thread (tiny models; no stalls when other processes share the cores)."""
+
     def wrapped(*args: Any) -> dict[str, Any]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn(*args)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fn(*args)
+        finally:
+            torch.set_num_threads(threads)
 
     return wrapped
 
