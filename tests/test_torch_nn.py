@@ -306,7 +306,7 @@ def test_fast_forward_error_is_small():
     with torch.no_grad():
         a, b = exact(**x).logits, fast(**x).logits
     err = ((a - b).abs().max() / a.abs().max()).item()
-    assert err < 1e-5  # measured ~1e-7 (a few float32 ulps); docs/peft-differences.md
+    assert err < 1e-5  # measured up to 4e-6 on these models; docs/peft-differences.md
 
 
 def test_conv2d_and_bf16_outputs_keep_the_base_dtype(tmp_path):
