@@ -186,11 +186,11 @@ def update(model: Any, step: int) -> None:
 
 
 def _flat(ts: list[torch.Tensor]) -> Any:
-    return torch.cat([t.detach().reshape(-1).float() for t in ts]).numpy().copy()
+    return torch.cat([t.detach().reshape(-1).float() for t in ts]).cpu().numpy().copy()
 
 
 def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
-               hook: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+               hook: Callable[[int, Any], None] | None = None, device: Any = None) -> dict[str, Any]:
     """Train ``model`` (ours or PEFT's) for ``steps`` optimizer steps; record everything per step.
 
     Arrays: ``loss (steps,)``, ``grads (steps, n)``, ``weights (steps, n)``
@@ -207,6 +207,8 @@ def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
     out = None
     for step in range(steps):
         batch = inputs(kind, step)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
         torch.manual_seed(10_000 + step)  # same dropout draws in both implementations
         loss, out = loss_and_out(model, batch)
         loss.backward()
@@ -226,4 +228,5 @@ def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
     starts = np.cumsum([0, *sizes])
     e_cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in range(1, len(params), 3)])
     return {"loss": np.array(losses, dtype=np.float32), "grads": np.stack(grads), "weights": weights_,
-            "E": weights_[:, e_cols], "masks": np.stack(masks), "logits": out.logits.detach().float().numpy().copy()}
+            "E": weights_[:, e_cols], "masks": np.stack(masks),
+            "logits": out.logits.detach().float().cpu().numpy().copy()}
