@@ -45,7 +45,7 @@ def train(model, opt, data, start: int, stop: int, log: bool = False) -> list[in
         model.update_and_allocate(step)  # after opt.step(), before zero_grad()
         opt.zero_grad()
         budgets.append(sum(model.current_ranks().values()))
-        if log and (step % 10 == 0 or step == stop - 1):
+        if log and (step % max(1, stop // 6) == 0 or step == stop - 1):
             print(f"step {step:3d}  loss {out.loss.item():.4f}  orth {model.orth_loss().item():.4f}  "
                   f"budget {budgets[-1]}")
     return budgets
@@ -68,7 +68,8 @@ def main() -> None:
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                         max_position_embeddings=32))
     config = ac.AdaLoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-                              init_r=6, target_r=2, tinit=5, tfinal=10, deltaT=2, total_step=args.steps,
+                              init_r=6, target_r=2, tinit=args.steps // 12, tfinal=args.steps // 6, deltaT=2,
+                              total_step=args.steps,
                               lora_alpha=16, orth_reg_weight=0.1)
     data = batches(args.steps + 1, 64)
     tmp = tempfile.mkdtemp(prefix="adalora-torch-")

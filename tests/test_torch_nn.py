@@ -406,3 +406,23 @@ def test_foreach_ema_override_is_bit_identical_to_the_core():
         got_m, got_u = foreach_ema_update(ms, us, ipts, b1, b2)
         assert all(torch.equal(a, b) for a, b in zip(ref_m + ref_u, got_m + got_u))
     assert foreach_ema_update([], [], [], 0.85, 0.85) == ([], [])
+
+
+def test_deepcopy_and_device_move():
+    om = wrap(init_lora_weights=False)
+    twin = copy.deepcopy(om)
+    x = x_mlp()
+    assert torch.equal(om(**x).logits, twin(**x).logits)
+    assert twin.to(torch.float64).model.fc_in.lora_A["default"].dtype == torch.float64
+
+
+def test_pickle_round_trip(tmp_path):
+    om = wrap()
+    _run(om, torch.optim.AdamW(om.trainable_parameters(), lr=1e-2), 0, 5)
+    torch.save(om, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = x_mlp()
+    assert torch.equal(om(**x).logits, back(**x).logits)
+    assert back.rank_pattern == om.rank_pattern
+    _run(back, torch.optim.AdamW(back.trainable_parameters(), lr=1e-2), 5, 7)  # the allocator still works
+    assert back.allocator.last_step == 6

@@ -21,6 +21,7 @@ only gathers the weights and gradients and copies the masked ``E`` back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -560,10 +561,22 @@ def foreach_ema_update(ms: Sequence[torch.Tensor], us: Sequence[torch.Tensor], i
     return m, u
 
 
-def _allocator_backend(device: torch.device) -> Backend:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AllocatorBackend(Backend):
+    """The torch backend plus the fused EMA; immutable, so copies share it and pickles rebuild it."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _AllocatorBackend:
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _allocator_backend, (str(self.device),)
+
+
+def _allocator_backend(device: torch.device | str) -> Backend:
     """The torch backend for ``device`` with the fused EMA override."""
     tb = get_backend("torch", device=device)
-    return Backend(name=tb.name, xp=tb.xp, device=tb.device, ops={**tb.ops, "ema_update": foreach_ema_update})
+    return _AllocatorBackend(name=tb.name, xp=tb.xp, device=tb.device,
+                             ops={**tb.ops, "ema_update": foreach_ema_update})
 
 
 def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
