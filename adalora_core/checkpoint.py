@@ -188,9 +188,10 @@ def save_adapter(
 ) -> None:
     """Write a PEFT-compatible AdaLoRA adapter directory.
 
-    ``weights`` maps a module path to its full-rank triplet; ``rank_pattern``
-    (``"<path>.lora_E" -> [bool] * init_r``) slices A rows, E rows and B
-    columns to the kept triplets, as PEFT's ``save_pretrained`` does.
+    ``weights`` maps a module path to its triplet; ``rank_pattern``
+    (``"<path>.lora_E" -> [bool] * init_r``) slices a full-rank module's A
+    rows, E rows and B columns to the kept triplets, as PEFT's
+    ``save_pretrained`` does; a module already at its kept rank is saved as is.
     """
     pattern = dict(rank_pattern or {})
     _check_pattern(pattern, weights, config.init_r)
@@ -198,7 +199,7 @@ def save_adapter(
     for name, (A, E, B) in weights.items():
         a, e, b = (to_numpy(t) for t in (A, E, B))
         mask = pattern.get(f"{name}.lora_E")
-        if mask is not None:
+        if mask is not None and a.shape[0] == config.init_r:  # full rank: keep the pattern's rows
             idx = np.asarray(_kept(mask), dtype=np.int64)
             a, e, b = a[idx], e[idx], b[:, idx]
         for part, t in (("lora_A", a), ("lora_B", b), ("lora_E", e)):

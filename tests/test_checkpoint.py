@@ -104,3 +104,12 @@ def test_save_arrays_round_trip_and_validation(tmp_path):
     assert load_arrays(f)[1] == {"k": 1}  # the failed saves left the file as it was
     with pytest.raises(CheckpointError, match="cannot read"):
         load_arrays(tmp_path / "missing.safetensors")
+
+
+def test_module_already_at_its_pruned_rank_is_saved_as_is(tmp_path):
+    w = weights()
+    pruned = Triplet(w["layers.0.q"].A[[2, 3]], w["layers.0.q"].E[[2, 3]], w["layers.0.q"].B[:, [2, 3]])
+    pattern = {"layers.0.q.lora_E": [False, False, True, True]}
+    save_adapter(tmp_path / "ad", CFG, {"layers.0.q": pruned}, pattern)
+    _, loaded = load_adapter(tmp_path / "ad")
+    np.testing.assert_array_equal(loaded["layers.0.q"].A, pruned.A)
