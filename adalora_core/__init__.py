@@ -57,6 +57,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "KNOWN_MODULES",
+    "SGD",
     "AdaLoraConfig",
     "AdaLoraWarning",
     "Adam",
@@ -69,7 +70,6 @@ __all__ = [
     "MicroLoRA",
     "MicroLoraConfig",
     "RankAllocator",
-    "SGD",
     "Triplet",
     "available_backends",
     "budget_schedule",

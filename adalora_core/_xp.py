@@ -19,10 +19,10 @@ __all__ = [
     "Array",
     "array_namespace",
     "device",
+    "host_np",
+    "library_name",
     "namespace",
     "to_numpy",
-    "library_name",
-    "host_np",
 ]
 
 

@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from ._xp import Array, host_np as np, to_numpy
+from ._xp import Array, to_numpy
+from ._xp import host_np as np
 from .config import AdaLoraConfig
 from .errors import CheckpointError
 from .triplet import Triplet

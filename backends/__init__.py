@@ -12,7 +12,7 @@ from typing import Any
 
 from .base import Backend, Rng
 
-__all__ = ["Backend", "Rng", "get_backend", "available_backends", "backend_of", "resolve"]
+__all__ = ["Backend", "Rng", "available_backends", "backend_of", "get_backend", "resolve"]
 
 # name -> (module, class); modules import their library, so they load lazily.
 _REGISTRY: dict[str, tuple[str, str]] = {

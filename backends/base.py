@@ -70,6 +70,14 @@ class Backend:
         """The override registered for ``name``, else ``default``."""
         return self.ops.get(name, default)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Backend:
+        return self  # immutable; a copied model shares its backend
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        from . import get_backend
+
+        return get_backend, (self.name, self.device)
+
     def __repr__(self) -> str:
         dev = "" if self.device is None else f", device={self.device!r}"
         return f"Backend({self.name!r}{dev})"

@@ -36,12 +36,31 @@ class TorchRng:
         return torch.empty(shape, dtype=self._dtype(dtype), device=self.device).bernoulli_(p, generator=self.gen)
 
 
+def foreach_ema_update(ms, us, ipts, beta1: float, beta2: float):
+    """The core's ``ema_update`` with ``torch._foreach_*``: the same ops in the same order, so the same bits.
+
+    ``m = beta1 m + (1 - beta1) ipt``; ``u = beta2 u + (1 - beta2) |ipt - m|``
+    (separate multiplies and adds, never a fused ``alpha=`` add, to round as
+    PEFT does). One kernel launch per op for all tensors instead of one per tensor.
+    """
+    if not ms:
+        return [], []
+    m = torch._foreach_mul(list(ms), beta1)
+    torch._foreach_add_(m, torch._foreach_mul(list(ipts), 1 - beta1))
+    d = torch._foreach_sub(list(ipts), m)
+    torch._foreach_abs_(d)
+    torch._foreach_mul_(d, 1 - beta2)
+    u = torch._foreach_mul(list(us), beta2)
+    torch._foreach_add_(u, d)
+    return m, u
+
+
 class TorchBackend(Backend):
     def __init__(self, device: object = None) -> None:
         dev = torch.device("cpu" if device is None else device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"torch device {str(dev)!r} requested but CUDA is not available")
-        super().__init__(name="torch", xp=xp_torch, device=dev)
+        super().__init__(name="torch", xp=xp_torch, device=dev, ops={"ema_update": foreach_ema_update})
 
     def asarray(self, obj, dtype=None):
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=self.device)

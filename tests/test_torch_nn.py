@@ -393,7 +393,7 @@ def test_lazy_public_names():
 
 
 def test_foreach_ema_override_is_bit_identical_to_the_core():
-    from adalora_core.backends.torch_nn.model import foreach_ema_update
+    from adalora_core.backends.torch import foreach_ema_update
 
     from adalora_core.allocator import ema_update
 

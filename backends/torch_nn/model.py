@@ -21,14 +21,13 @@ only gathers the weights and gradients and copies the masked ``E`` back.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from adalora_core.backends import Backend, get_backend
+from adalora_core.backends import get_backend
 from torch import nn
 
 from adalora_core.allocator import RankAllocator
@@ -224,7 +223,7 @@ class AdaLoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         if trainable:
             ranks = {k: layer.r[adapter_name] for k, layer in self._adapter_layers(adapter_name).items()}
-            self.allocator = RankAllocator(config, ranks, backend=_allocator_backend(self._device()))
+            self.allocator = RankAllocator(config, ranks, backend=get_backend("torch", device=self._device()))
             self.trainable_adapter_name = adapter_name
 
     # -------------------------------------------------------------- adapters
@@ -539,44 +538,6 @@ class AdaLoraModel(nn.Module):
         """Read :meth:`save_training_state` output back (validated; a bad file changes nothing)."""
         tensors, meta = load_arrays(path, convert=torch.from_numpy)
         self.load_training_state_dict(tensors, meta)
-
-
-def foreach_ema_update(ms: Sequence[torch.Tensor], us: Sequence[torch.Tensor], ipts: Sequence[torch.Tensor],
-                       beta1: float, beta2: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The core's ``ema_update`` with ``torch._foreach_*``: the same ops in the same order, so the same bits.
-
-    ``m = beta1 m + (1 - beta1) ipt``; ``u = beta2 u + (1 - beta2) |ipt - m|``
-    (separate multiplies and adds, never a fused ``alpha=`` add, to round as
-    PEFT does). One kernel launch per op for all tensors instead of one per tensor.
-    """
-    if not ms:
-        return [], []
-    m = torch._foreach_mul(list(ms), beta1)
-    torch._foreach_add_(m, torch._foreach_mul(list(ipts), 1 - beta1))
-    d = torch._foreach_sub(list(ipts), m)
-    torch._foreach_abs_(d)
-    torch._foreach_mul_(d, 1 - beta2)
-    u = torch._foreach_mul(list(us), beta2)
-    torch._foreach_add_(u, d)
-    return m, u
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _AllocatorBackend(Backend):
-    """The torch backend plus the fused EMA; immutable, so copies share it and pickles rebuild it."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _AllocatorBackend:
-        return self
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return _allocator_backend, (str(self.device),)
-
-
-def _allocator_backend(device: torch.device | str) -> Backend:
-    """The torch backend for ``device`` with the fused EMA override."""
-    tb = get_backend("torch", device=device)
-    return _AllocatorBackend(name=tb.name, xp=tb.xp, device=tb.device,
-                             ops={**tb.ops, "ema_update": foreach_ema_update})
 
 
 def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
