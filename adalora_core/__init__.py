@@ -48,7 +48,7 @@ def native_info() -> dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     # torch-only names load torch on first use, never at import time.
-    if name in ("get_adalora_model", "AdaLoraModel", "AdaLoraCallback"):
+    if name in ("get_adalora_model", "AdaLoraModel", "AdaLoraCallback", "AdaLoraTrainer", "add_orth_loss"):
         from .backends import torch_nn
 
         return getattr(torch_nn, name)
