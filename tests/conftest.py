@@ -20,3 +20,23 @@ def make_backend(spec: str):
 @pytest.fixture(params=BACKEND_SPECS)
 def backend(request):
     return make_backend(request.param)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes share the cores."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def quiet():
+    """PEFT and transformers warn freely about configs the tests build on purpose."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

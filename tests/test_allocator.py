@@ -233,3 +233,15 @@ def test_a_missing_tensor_gradient_skips_only_that_tensor():
     with pytest.warns(AdaLoraWarning, match=r"'a' has no gradient for \['E'\]"):
         alloc.update_and_allocate(0, make(0), grads)
     assert np.any(alloc.ema_ipt["a"].A) and not np.any(alloc.ema_ipt["a"].E)
+
+
+def test_weights_on_two_devices_are_refused():
+    from conftest import make_backend
+
+    cpu, dev1 = make_backend("array_api_strict"), make_backend("array_api_strict:device1")
+    alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    params = {n: Triplet(*(cpu.asarray(t) for t in p)) for n, p in make(0).items()}
+    params["b"] = Triplet(*(dev1.asarray(t) for t in make(0)["b"]))
+    with pytest.raises(ValueError, match="one device"):
+        alloc.update_and_allocate(0, params, None)
+    assert alloc.last_step is None

@@ -23,20 +23,7 @@ KINDS = ["gpt2", "llama", "mlp", "conv"]
 STEPS = 61  # steps 0..60 = total_step: warm-up, budgeting (deltaT=3), final allocation at 48, replay
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread", "quiet")
 
 
 @functools.cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import types
-import warnings
 
 import pytest
 
@@ -21,20 +20,7 @@ CFG = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "total_
            "target_modules": ["c_attn", "c_proj"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread", "quiet")
 
 
 class Ids(torch.utils.data.Dataset):
