@@ -88,7 +88,7 @@ def test_merge_then_unmerge_restores_the_weight(seed, fan):
 def test_merge_refuses_non_finite_and_wrong_layout():
     _, A, E, B = _inputs()
     W = np.zeros((4, 5))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="non-finite"), np.errstate(invalid="ignore"):
         triplet.merge(W, A, E * np.inf, B, 8.0, 3.0)
     with pytest.raises(ValueError, match="fan_in_fan_out"):
         triplet.merge(W.T, A, E, B, 8.0, 3.0)
