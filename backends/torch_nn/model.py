@@ -427,20 +427,6 @@ class AdaLoraModel(nn.Module):
 
     # -------------------------------------------------------------- checkpoints
 
-    def _save_weights(self, name: str) -> dict[str, Triplet]:
-        """Triplets at ``init_r`` (modules loaded at a pruned rank are scattered back by their pattern)."""
-        init_r = self.peft_config[name].init_r
-        out = {}
-        for path, (A, E, B) in self._triplets(name).items():
-            idx = self._kept_index.get(name, {}).get(path)
-            if idx is not None and A.shape[0] != init_r:
-                rows = torch.tensor(idx, dtype=torch.long, device=A.device)
-                A = A.new_zeros((init_r, A.shape[1])).index_copy(0, rows, A)
-                E = E.new_zeros((init_r, 1)).index_copy(0, rows, E)
-                B = B.new_zeros((B.shape[0], init_r)).index_copy(1, rows, B)
-            out[path] = Triplet(A, E, B)
-        return out
-
     def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None) -> None:
         """Write the adapter in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``).
 
@@ -450,7 +436,7 @@ class AdaLoraModel(nn.Module):
         self._check_loaded()
         name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
         pattern = self.get_rank_pattern(name)
-        save_adapter(path, self.peft_config[name], self._save_weights(name), pattern or None)
+        save_adapter(path, self.peft_config[name], self._triplets(name), pattern or None)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
