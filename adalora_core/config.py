@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 
 def _fail(name: str, value: Any, rule: str) -> None:
@@ -47,8 +47,30 @@ def _names(name: str, value: Any) -> None:
         _fail(name, value, "must be None, a regex string, or a list of module names")
 
 
+_C = TypeVar("_C", bound="_Config")
+
+
+class _Config:
+    """What every config shares: ``replace``, ``to_dict``, and a strict ``from_dict``."""
+
+    def replace(self: _C, **changes: Any) -> _C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
+        """A config from :meth:`to_dict` output; unknown keys are an error (they mean another format)."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+
 @dataclass(frozen=True)
-class AdaLoraConfig:
+class AdaLoraConfig(_Config):
     """AdaLoRA hyperparameters, with PEFT's field names and defaults.
 
     ``tfinal`` is a duration: the final phase starts at ``total_step - tfinal``.
@@ -123,9 +145,6 @@ class AdaLoraConfig:
         """The adapter scale, ``lora_alpha`` (AdaLoRA does not divide by r)."""
         return float(self.lora_alpha)
 
-    def replace(self, **changes: Any) -> AdaLoraConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values, plus ``peft_type`` (PEFT's adapter_config.json)."""
         out: dict[str, Any] = {}
@@ -172,7 +191,7 @@ def _module_name(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
-class MicroLoraConfig:
+class MicroLoraConfig(_Config):
     """Rank-1/2 adapters for per-request adaptation (``shared/spec/MICROLORA.md``).
 
     ``rank`` must be 1 or 2: the original silently clamped other values; here
@@ -259,23 +278,11 @@ class MicroLoraConfig:
             total += i * self.rank + self.rank * o + (o if self.use_bias else 0)
         return total * itemsize
 
-    def replace(self, **changes: Any) -> MicroLoraConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = super().to_dict()
         out["target_modules"] = list(self.target_modules)
         out["module_dims"] = None if self.module_dims is None else {k: list(v) for k, v in self.module_dims.items()}
         return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MicroLoraConfig:
-        """A config from :meth:`to_dict` output (unknown keys are an error: they mean another format)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MicroLoraConfig has no fields {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
 
 
 EWC_MODES = ("ema", "window")
@@ -283,7 +290,7 @@ EWC_UPDATES = ("proximal", "explicit")
 
 
 @dataclass(frozen=True)
-class EwcConfig:
+class EwcConfig(_Config):
     """EWC++ (online Fisher) settings.
 
     ``mode="ema"``: ``F = decay*F + (1-decay)*g**2`` on every update (the
@@ -319,20 +326,6 @@ class EwcConfig:
         check_float("lam", self.lam, 0.0)
         if not isinstance(self.update_fisher, bool):
             _fail("update_fisher", self.update_fisher, "must be a bool")
-
-    def replace(self, **changes: Any) -> EwcConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EwcConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"EwcConfig has no fields {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
 
 
 __all__ += ["KNOWN_MODULES", "EwcConfig", "MicroLoraConfig"]
