@@ -53,14 +53,14 @@ _C = TypeVar("_C", bound="_Config")
 class _Config:
     """What every config shares: ``replace``, ``to_dict``, and a strict ``from_dict``."""
 
-    def replace(self: _C, **changes: Any) -> _C:
+    def replace(self: _C, **changes: Any) -> _C:  # noqa: PYI019 (typing.Self needs 3.11)
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
+    def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:  # noqa: PYI019
         """A config from :meth:`to_dict` output; unknown keys are an error (they mean another format)."""
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)

@@ -35,9 +35,6 @@ class CupyBackend(Backend):
         with self.device:
             return cp.zeros(shape, dtype=self.dtype(dtype))
 
-    def to_numpy(self, x):
-        return cp.asnumpy(x)
-
     def rng(self, seed=None):
         return CupyRng(seed)
 

@@ -20,9 +20,6 @@ class NumpyBackend(Backend):
     def zeros(self, shape, dtype="float32"):
         return np.zeros(shape, dtype=self.dtype(dtype))
 
-    def to_numpy(self, x):
-        return np.asarray(x)
-
     def describe(self):
         return f"numpy {np.__version__}, device cpu"
 

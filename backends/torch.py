@@ -68,12 +68,6 @@ class TorchBackend(Backend):
     def zeros(self, shape, dtype="float32"):
         return torch.zeros(shape, dtype=self.dtype(dtype), device=self.device)
 
-    def to_numpy(self, x):
-        t = x.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return t.cpu().numpy()
-
     def rng(self, seed=None):
         return TorchRng(seed, self.device)
 
