@@ -19,6 +19,7 @@ from typing import Any
 from ._xp import Array, namespace
 from .errors import CheckpointError
 
+
 class Problems:
     """Collects what is wrong with one input (``where`` names it in the error)."""
 
