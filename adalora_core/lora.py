@@ -32,7 +32,9 @@ portable.
 Thread safety: every method that reads or writes the adapter's arrays holds
 the adapter's lock (a ``threading.RLock``), so concurrent forwards and
 updates never see a half-written adapter; the counters are updated under
-the same lock.
+the same lock. An adapter's lock is fixed for its life (a pool's adapters
+share the pool's lock and keep it after eviction): a thread waiting on it
+must find, once it has it, that it guards the arrays it is about to touch.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ class LoraAdapter:
         self.use_bias = bool(use_bias)
         self._xp = xp
         self._mutable = is_mutable(xp)
-        self._set_lock(lock if lock is not None else threading.RLock())
+        self._lock = lock if lock is not None else threading.RLock()  # never replaced: see forward_add
         self._on_change: Callable[[LoraAdapter], None] | None = None
         self.pending_updates = 0
         self.forward_calls = 0
@@ -311,11 +313,6 @@ class LoraAdapter:
         self._pick_ops(be, dt)
 
     # -- plumbing ---------------------------------------------------------
-
-    def _set_lock(self, lock: Any) -> None:
-        self._lock = lock
-        self._acquire = lock.acquire
-        self._release = lock.release
 
     def _fill(self, dst: Array, src: Array) -> Array:
         if self._mutable:
@@ -424,12 +421,13 @@ class LoraAdapter:
         a new array on immutable ones. Wrong shapes or dtypes raise before
         anything is written.
         """
-        self._acquire()
+        lock = self._lock  # release exactly the lock acquired
+        lock.acquire()  # try/finally: cheaper than a with-statement on this hot path
         try:
             r = self._fwd(x, self._A, self._B, self.scaling, out)
             self.forward_calls += 1
         finally:
-            self._release()
+            lock.release()
         return out if r is None else r
 
     def forward(self, x: Array) -> Array:

@@ -242,12 +242,13 @@ class MicroLoRA:
             raise self._unknown(module)
         if not self._enabled:
             return out
-        ad._acquire()  # try/finally: half the cost of a with-statement
+        lock = ad._lock  # release exactly the lock acquired
+        lock.acquire()  # try/finally: cheaper than a with-statement on this hot path
         try:
             r = ad._fwd(x, ad._A, ad._B, ad.scaling, out)
             ad.forward_calls += 1
         finally:
-            ad._release()
+            lock.release()
         return out if r is None else r
 
     # -- learning ----------------------------------------------------------------

@@ -17,7 +17,9 @@ calls and batched calls see the same weights); on immutable libraries the
 stacks are rebuilt from the adapters when one has changed. Slots are stable:
 an index stays valid until its session is evicted (a freed slot is zeroed, so
 it adds nothing, and is reused by the next ``create``). The pool and all its
-adapters share one lock.
+adapters share one lock, which an evicted adapter keeps: a request on a handle
+that is evicted meanwhile completes on the handle's own copy of the weights; a
+request by session id after the eviction raises KeyError.
 """
 
 from __future__ import annotations
@@ -203,10 +205,9 @@ class AdapterPool:
                 raise KeyError(f"no adapter for session {session_id!r}")
             ad = self._adapters[slot]
             if self._mutable:
-                if ad is not None:  # the evicted handle keeps working on its own copy
+                if ad is not None:  # the evicted handle keeps working on its own copy, under the same lock
                     xp = self._xp
                     ad._bind(*(owned_copy(xp, a) for a in (ad._At, ad._B, ad._gAt, ad._gB)))
-                    ad._set_lock(threading.RLock())
                 self._At[slot, ...] = 0
                 self._B[slot, ...] = 0
                 self._gAt[slot, ...] = 0

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+import traceback
+
 import numpy as np
 import pytest
 from adalora_core.backends import get_backend
 from adalora_core.conformance import reference as R
+from conftest import make_backend
 
 from adalora_core.checkpoint import load_arrays, save_arrays
 from adalora_core.errors import AdaLoraWarning, CheckpointError
@@ -252,3 +258,113 @@ def test_constructor_rules():
                       ({"init": "zeros"}, "init")]:
         with pytest.raises(ValueError, match=match):
             AdapterPool(IN, OUT, **kw)
+
+
+def _run_all(targets, seconds, join_s=10.0):
+    """Run ``targets`` in daemon threads for ``seconds``; return (errors, names of threads still alive).
+
+    Each target gets ``stop`` (an Event) and loops until it is set. A thread that is
+    stuck (a leaked lock) is reported, not waited for: the test fails instead of hanging.
+    """
+    stop, errors = threading.Event(), []
+
+    def guard(fn):
+        try:
+            fn(stop)
+        except BaseException:  # noqa: BLE001 (every failure of a worker is reported)
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=guard, args=(fn,), name=fn.__name__, daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    deadline = time.monotonic() + join_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return errors, [t.name for t in threads if t.is_alive()]
+
+
+def test_request_waiting_on_a_handle_while_it_is_evicted(backend):
+    """A handle's request blocked on the pool's lock while the session is evicted completes
+    on the old weights and releases the lock it took: the pool serves other threads after it."""
+    pool, W = filled(backend, n=2)
+    handle = pool.get("user-1")
+    x = np.ones((1, IN))
+    got = []
+
+    def request():
+        got.append(host(backend, handle.forward(dev(backend, x))))
+
+    with pool.get("user-0").lock:  # the pool's lock: the request waits for it
+        t = threading.Thread(target=request, daemon=True)
+        t.start()
+        time.sleep(0.05)
+        pool.evict("user-1")
+    t.join(10)
+    assert not t.is_alive() and len(got) == 1
+    np.testing.assert_allclose(got[0], 2.0 * (x @ W["user-1"][0]) @ W["user-1"][1], rtol=1e-5, atol=1e-5)
+
+    def serve(stop):
+        pool.create("user-1")
+        pool.forward_batched(dev(backend, x), ["user-1"])
+
+    errors, stuck = _run_all([serve], seconds=0.0)
+    assert not stuck and not errors, f"the pool's lock was left held: {stuck} {errors}"
+
+
+@pytest.mark.parametrize("name", ["numpy", "native", "torch"])
+def test_evict_and_recreate_under_load_never_hangs(name):
+    """Handles and batched calls served while other threads evict and recreate the same sessions:
+    every request completes (on the old weights) or gets a KeyError naming the session; no thread
+    is left blocked and the pool still serves afterwards."""
+    backend = make_backend(name)
+    pool = AdapterPool(IN, OUT, 2, 4.0, backend=backend, capacity=2)
+    ids = [f"s{k}" for k in range(3)]
+    for s in ids:
+        pool.create(s)
+    x1, g1 = dev(backend, np.ones((2, IN))), dev(backend, np.full((2, OUT), 0.01))
+    x3 = dev(backend, np.ones((3, IN)))
+
+    def handle_server(stop):
+        rng = np.random.default_rng(threading.get_ident() % 2**32)
+        while not stop.is_set():
+            try:
+                h = pool.get(ids[rng.integers(3)])
+            except KeyError:
+                continue
+            h.forward_add(x1, dev(backend, np.zeros((2, OUT))))  # may run on an evicted handle: its own copy
+            h.accumulate_gradient(x1, g1)
+            h.apply_gradients(1e-3)
+
+    def batch_server(stop):
+        while not stop.is_set():
+            try:
+                pool.forward_add_batched(x3, ids, dev(backend, np.zeros((3, OUT))))
+                pool.adapt_batched(x3, ids, dev(backend, np.full((3, OUT), 0.01)))
+            except KeyError as exc:
+                assert "no adapter for session" in str(exc)
+
+    def churn(stop):
+        rng = np.random.default_rng(threading.get_ident() % 2**32)
+        while not stop.is_set():
+            s = ids[rng.integers(3)]
+            with contextlib.suppress(KeyError):
+                pool.evict(s)
+            with contextlib.suppress(ValueError):
+                pool.create(s)
+
+    errors, stuck = _run_all([handle_server, handle_server, batch_server, churn, churn], seconds=1.0)
+    assert not stuck, f"threads blocked after the run: {stuck}; errors: {errors}"
+    assert not errors, errors[0]
+
+    def serve_every_session(stop):
+        for s in ids:
+            pool.get_or_create(s)
+        pool.forward_batched(x3, ids)
+
+    errors, stuck = _run_all([serve_every_session], seconds=0.0)
+    assert not stuck and not errors, f"the pool no longer serves: {stuck} {errors}"
+    y = host(backend, pool.forward_batched(x3, ids))
+    for b, s in enumerate(ids):  # the stacks and the live handles agree
+        np.testing.assert_allclose(y[b], host(backend, pool.get(s).forward(x3[b])), rtol=1e-5, atol=1e-6)
