@@ -21,6 +21,11 @@ explicit one on request (``a = lr * lam * F``)::
     proximal:  theta = (theta - lr*g + a*theta*) / (1 + a)     any a >= 0
     explicit:  theta = theta - lr*g - a*(theta - theta*)        diverges for a >= 2
 
+The explicit step is kept as the original had it (not refused for a >= 2);
+a step whose result is not finite (an overflow of either form, or of the
+Fisher fed ``g**2``) is undone by the adapter and counted in its
+``skipped_updates``, so inf and NaN never reach the weights or this state.
+
 The functions here are the Array API definitions; :class:`EwcState` owns the
 arrays of one adapter and updates them (in place on mutable libraries).
 """

@@ -484,16 +484,48 @@ class LoraAdapter:
         if self.pending_updates == 0:
             return False
         if not all_finite(self._xp, self._gAt, self._gB, self._gbias):
-            n = self.pending_updates
-            self._zero_grads()
-            self.skipped_updates += 1
-            warnings.warn(
-                f"skipped an update of {self!r}: the gradient accumulated over {n} examples is not "
-                "finite; it was discarded and the weights were left unchanged",
-                AdaLoraWarning, stacklevel=4,
-            )
+            self._skip(f"the gradient accumulated over {self.pending_updates} examples is not finite")
             return False
         return True
+
+    def _skip(self, why: str) -> None:
+        """Discard the pending gradient and count a skipped update; the weights are unchanged."""
+        self._zero_grads()
+        self.skipped_updates += 1
+        warnings.warn(f"skipped an update of {self!r}: {why}; the gradient was discarded and the weights "
+                      "were left unchanged", AdaLoraWarning, stacklevel=5)
+
+    def _step(self, run: Callable[[], None], ewc: Any) -> bool:
+        """Run the step ``run`` (which clears the gradient); keep it only if all it wrote is finite.
+
+        A finite gradient can still overflow: a huge ``lr``, the explicit EWC
+        step with a large ``lr*lam*F``, a squared gradient fed to the Fisher.
+        Then the weights, the bias and ``ewc``'s Fisher and window sums are put
+        back and the update is skipped and counted: nothing non-finite is written.
+        """
+        xp = self._xp
+        parts = [(self, "_At"), (self, "_B")] + ([(self, "_bias")] if self._bias is not None else [])
+        if ewc is not None:
+            parts += [(ewc, k) for k in ("_Fa", "_Fb", "_Sa", "_Sb")]
+        saved = [owned_copy(xp, getattr(o, k)) if self._mutable else getattr(o, k) for o, k in parts]
+        window_steps = ewc.window_steps if ewc is not None else 0
+        n = self.pending_updates
+        run()
+        if all_finite(xp, *(getattr(o, k) for o, k in parts)):
+            self.pending_updates = 0
+            self._changed()
+            return True
+        for (o, k), a in zip(parts, saved):
+            if self._mutable:
+                getattr(o, k)[...] = a
+            else:
+                setattr(o, k, a)
+        self._bind(self._At, self._B, self._gAt, self._gB)
+        if ewc is not None:
+            ewc.window_steps = window_steps
+        self._skip(f"the step over {n} examples is not finite (an overflow: lower lr, or lam with the "
+                   "explicit EWC update)")
+        return False
 
     def _step_bias(self, lr_over_count: float) -> None:
         if self._bias is None:
@@ -508,9 +540,10 @@ class LoraAdapter:
     def apply_gradients(self, lr: float, *, ewc: Any = None, update_fisher: bool | None = None) -> bool:
         """``theta -= (lr / count) * g``, then clear the gradient. Returns whether a step ran.
 
-        No-op when nothing is pending. A non-finite accumulated gradient is
-        discarded instead (``skipped_updates`` counts it, an AdaLoraWarning
-        says so): NaN never reaches the weights. With ``ewc`` (an
+        No-op when nothing is pending. A non-finite accumulated gradient, or a
+        step whose result is not finite (an overflow), is discarded instead
+        (``skipped_updates`` counts it, an AdaLoraWarning says so): inf and NaN
+        never reach the weights or the EWC state. With ``ewc`` (an
         :class:`~adalora_core.ewc.EwcState`) the Fisher is fed the mean
         gradient first, unless ``update_fisher`` (default: the EWC config's) is False.
         """
@@ -522,17 +555,16 @@ class LoraAdapter:
                 return False
             feed = ewc is not None and (ewc.config.update_fisher if update_fisher is None else update_fisher)
             if feed:
-                self._step_ewc(lr, 0.0, ewc, True, True)
-            else:
-                s = float(lr) / self.pending_updates
-                At, _ = self._call_apply(self._At, self._gAt, s)
-                B, _ = self._call_apply(self._B, self._gB, s)
-                if not self._mutable:
-                    self._bind(At, B, self._xp.zeros_like(self._gAt), self._xp.zeros_like(self._gB))
-                self._step_bias(s)
-            self.pending_updates = 0
-            self._changed()
-        return True
+                return self._step(partial(self._step_ewc, lr, 0.0, ewc, True, True), ewc)
+            return self._step(partial(self._step_sgd, lr), None)
+
+    def _step_sgd(self, lr: float) -> None:
+        s = float(lr) / self.pending_updates
+        At, _ = self._call_apply(self._At, self._gAt, s)
+        B, _ = self._call_apply(self._B, self._gB, s)
+        if not self._mutable:
+            self._bind(At, B, self._xp.zeros_like(self._gAt), self._xp.zeros_like(self._gB))
+        self._step_bias(s)
 
     def _call_apply(self, p: Array, g: Array, s: float) -> tuple[Array, Array]:
         r = self._apply(p, g, s)
@@ -547,7 +579,9 @@ class LoraAdapter:
         False; default from ``ewc.config``), then, with ``a = lr*lam*F``:
         proximal (default, stable) ``theta = (theta - lr*g + a*theta*) / (1 + a)``,
         or explicit (``ewc.config.update == "explicit"``) ``theta -= lr*g + a*(theta - theta*)``.
-        ``lam`` defaults to ``ewc.config.lam``. Same skipping rules as :meth:`apply_gradients`.
+        ``lam`` defaults to ``ewc.config.lam``. Same skipping rules as :meth:`apply_gradients`;
+        the explicit step is not refused for ``a >= 2`` (it oscillates with a growing amplitude, as
+        the original did), but a step that overflows is skipped and counted.
         """
         check_float("lr", lr, 0.0)
         lam = ewc.config.lam if lam is None else lam
@@ -557,10 +591,7 @@ class LoraAdapter:
         with self._lock:
             if not self._ready():
                 return False
-            self._step_ewc(lr, lam, ewc, feed, ewc.config.update == "proximal")
-            self.pending_updates = 0
-            self._changed()
-        return True
+            return self._step(partial(self._step_ewc, lr, lam, ewc, feed, ewc.config.update == "proximal"), ewc)
 
     def _step_ewc(self, lr: float, lam: float, ewc: Any, feed: bool, proximal: bool) -> None:
         inv = 1.0 / self.pending_updates

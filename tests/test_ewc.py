@@ -9,6 +9,7 @@ import pytest
 from adalora_core.conformance import reference as R
 
 from adalora_core.config import EwcConfig, MicroLoraConfig
+from adalora_core.errors import AdaLoraWarning
 from adalora_core.ewc import EwcState, minmax_normalise
 from adalora_core.lora import LoraAdapter
 from adalora_core.microlora import AdaptFeedback, MicroLoRA
@@ -279,3 +280,50 @@ def test_ewc_reduces_forgetting(name, seed):
     assert a_plain > 0.5  # without EWC, learning B overwrites A
     assert a_ewc < 0.5 * a_plain  # EWC cuts the forgetting at least in half
     assert b_plain < 0.01 and b_ewc < 0.05  # and B is still learned
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("mode", ["ema", "window"])
+def test_explicit_step_that_overflows_is_skipped_and_counted(backend, mode):
+    """lr * lam * F = 1e40 overflows float32 in the explicit step: the step is undone (weights,
+    Fisher, window sums), counted in skipped_updates with a warning; nothing non-finite is written."""
+    ad, _, _ = make(backend, 8)
+    st = EwcState(dev(backend, np.full((D_IN, RANK), 1e36)), dev(backend, np.full((RANK, D_OUT), 1e36)),
+                  dev(backend, np.zeros((D_IN, RANK))), dev(backend, np.zeros((RANK, D_OUT))),
+                  config=EwcConfig(update="explicit", mode=mode, window=3, decay=0.5))
+    rng = np.random.default_rng(9)
+    x, g = dev(backend, rng.normal(size=D_IN)), dev(backend, rng.normal(size=D_OUT))
+    ad.accumulate_gradient(x, g)
+    assert ad.apply_gradients_with_ewc(0.1, st, lam=0.0)  # a = 0: a finite step (and window sums to keep)
+
+    def snapshot():
+        arrays = {"A": ad.A, "B": ad.B, **st.state_arrays()}
+        return {k: host(backend, a).copy() for k, a in arrays.items()}, st.window_steps
+
+    before = snapshot()
+    ad.accumulate_gradient(x, g)
+    with pytest.warns(AdaLoraWarning, match="not finite"):
+        assert ad.apply_gradients_with_ewc(1.0, st, lam=1e4) is False
+    after = snapshot()
+    assert after[1] == before[1]
+    for k, a in before[0].items():
+        np.testing.assert_array_equal(after[0][k], a, err_msg=k)
+    assert ad.skipped_updates == 1 and ad.pending_updates == 0
+    np.testing.assert_array_equal(host(backend, ad.grad_A), 0)
+    ad.accumulate_gradient(x, g)
+    assert ad.apply_gradients_with_ewc(0.1, st, lam=1e-3)  # training goes on
+    assert np.all(np.isfinite(host(backend, ad.A))) and ad.skipped_updates == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fisher_overflow_is_skipped_and_counted(backend):
+    """A finite gradient whose square overflows the Fisher (proximal step, EWC fed): skipped, counted."""
+    m = MicroLoRA(MicroLoraConfig(rank=2, in_features=D_IN, out_features=D_OUT, target_modules=("q_proj",)),
+                  backend=backend, ewc=EwcConfig(decay=0.5))
+    m.adapter("q_proj").set_weights(dev(backend, np.full((D_IN, RANK), 0.5)), dev(backend, np.full((RANK, D_OUT), 1.0)))
+    m.adapt(dev(backend, np.full(D_IN, 1e10)), AdaptFeedback(1.0, gradient_estimate=[1e10] * D_OUT))
+    with pytest.warns(AdaLoraWarning, match="not finite"):
+        assert m.apply_updates(1e-30) == 0
+    assert m.skipped_updates == 1
+    np.testing.assert_array_equal(host(backend, m.ewc_state("q_proj").fisher_b), 0)
+    np.testing.assert_array_equal(host(backend, m.adapter("q_proj").B), 1.0)

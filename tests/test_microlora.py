@@ -398,6 +398,22 @@ def test_overflowing_gradient_never_reaches_the_weights(backend):
     np.testing.assert_array_equal(host(backend, ad.grad_A), 0)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_step_that_overflows_never_reaches_the_weights(backend):
+    """A finite gradient and a finite lr whose SGD step overflows float32: undone, counted."""
+    ad = LoraAdapter(D_IN, D_OUT, 2, 4.0, backend=backend, use_bias=True)
+    A, B = weights(22)
+    ad.set_weights(dev(backend, A), dev(backend, B))
+    ad.accumulate_gradient(dev(backend, np.full(D_IN, 10.0)), dev(backend, np.full(D_OUT, 10.0)), 1.0)
+    with pytest.warns(AdaLoraWarning, match="step over 1 examples is not finite"):
+        assert ad.apply_gradients(3e38) is False
+    np.testing.assert_array_equal(host(backend, ad.A), A.astype(np.float32))
+    np.testing.assert_array_equal(host(backend, ad.B), B.astype(np.float32))
+    np.testing.assert_array_equal(host(backend, ad.bias), 0)
+    assert ad.skipped_updates == 1 and ad.pending_updates == 0
+    np.testing.assert_array_equal(host(backend, ad.grad_B), 0)
+
+
 def test_missing_gradient_estimate(primed):
     b, before = primed.backend, state(primed)
     with pytest.raises(ValueError, match="gradient_estimate is required"):
