@@ -3,27 +3,48 @@
 Two layers:
 
 * ``save_arrays`` / ``load_arrays``: one ``.safetensors`` file whose header
-  metadata carries a JSON document. Written atomically (temp file, fsync,
-  rename); read with validation (parse errors, expected keys, shapes, dtypes,
-  finiteness), so a bad file raises ``CheckpointError`` before anything is
-  changed.
+  metadata carries a JSON document (an object).
 * ``save_adapter`` / ``load_adapter``: PEFT's AdaLoRA directory layout
   (``adapter_model.safetensors`` + ``adapter_config.json``), rank-pattern
   slicing included, so directories move between this library and PEFT.
+
+Writing. A save touches only the files it writes; everything else in the
+directory (``checkpoint-500/``, other files) is left alone, an existing
+directory keeps its mode (a symlinked one stays a symlink), and a new one is
+created as PEFT creates it (``mkdir -p``, honouring the umask). Each file is
+written to a temp file beside it (``.<name>.<pid>.<hex>.adalora-tmp``),
+fsynced, renamed over the target, and the directory is fsynced. Stale temp
+files of that naming (their writer is gone, or they are older than
+``STALE_AFTER_S``), and the hidden ``.<name>.XXXXXXXX.tmp[.old]`` leftovers of
+the earlier whole-directory swap, are removed by the next save there; nothing
+else is ever removed. The adapter's two files are ordered so that the
+directory holds a loadable pair at every instant: see :func:`_write_adapter`.
+
+Reading. Files are opened with ``safetensors.safe_open`` (memory-mapped),
+which first checks that the header's offsets cover the file exactly; keys,
+shapes and dtypes are then checked against the header before a tensor byte is
+read, so a bad or huge file is refused without being loaded. Values
+(finiteness) are checked after reading and before anything is returned, so a
+bad file raises ``CheckpointError`` and changes nothing. bfloat16 tensors
+(PEFT saves them for bf16 training) are read through torch and returned as
+float32, which holds every bf16 value exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from safetensors import SafetensorError
-from safetensors.numpy import load as _st_load
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as _st_save
 
 from ._xp import Array, to_numpy
@@ -31,75 +52,199 @@ from ._xp import host_np as np
 from .config import AdaLoraConfig
 from .errors import CheckpointError
 from .triplet import Triplet
+from .validate import Problems
 
 META_KEY = "adalora_core"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
+TMP_SUFFIX = ".adalora-tmp"
+STALE_AFTER_S = 600.0  # no save keeps a temp file unchanged this long: older ones are orphans
 
-Spec = Mapping[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
+Spec = Mapping[str, tuple[tuple[int, ...], str | None]]  # key -> (shape, dtype name or None for any)
+Header = dict[str, tuple[tuple[int, ...], str]]
+T = TypeVar("T")
+
+# safetensors dtype codes -> NumPy names (bfloat16 has no NumPy dtype: it is read through torch)
+_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+           "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
+           "F32": "float32", "F64": "float64"}
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+_OURS = re.compile(r"\..+\.(?P<pid>\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))
+_LEGACY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(\.old)?")  # tempfile.mkstemp/mkdtemp names
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# ------------------------------------------------------------------ writing
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}"
+
+
+def _ensure_dir(directory: Path) -> Path:
+    """``directory``, created like PEFT's ``os.makedirs`` (mode ``0o777 & ~umask``) when missing."""
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise CheckpointError(f"cannot save into {directory}: it exists and is not a directory") from exc
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (off POSIX this is unknown: assume it does)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by another user
+        pass
+    return True
+
+
+def _clean_orphans(directory: Path, legacy_of: str | None = None) -> None:
+    """Remove stale temp files of our naming in ``directory`` (or, with ``legacy_of``, the old naming's).
+
+    Ours carry their writer's pid: stale when that process is gone or the
+    file has not changed (ctime) for ``STALE_AFTER_S``. The old naming
+    (``.<legacy_of>.XXXXXXXX.tmp`` files or directories, ``.tmp.old``
+    directories) carries no pid, so only age counts. Symlinks and every other
+    name are never touched; a failure to clean never fails the save.
+    """
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in list(os.scandir(directory)):
+            if legacy_of is None:
+                ours = _OURS.fullmatch(entry.name)
+                pid = int(ours["pid"]) if ours else None
+                if ours is None:
+                    continue
+            else:
+                old = _LEGACY.fullmatch(entry.name)
+                pid = None
+                if old is None or old["name"] != legacy_of:
+                    continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if now - st.st_ctime <= STALE_AFTER_S and (pid is None or _alive(pid)):
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    os.unlink(entry.path)
+                elif stat.S_ISDIR(st.st_mode) and legacy_of is not None:
+                    shutil.rmtree(entry.path)
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    """``data`` in a new temp file beside ``target``, fsynced (an existing target's mode is kept)."""
+    tmp = target.with_name(_temp_name(target.name))
+    try:
+        st = os.lstat(target)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+    except FileNotFoundError:
+        mode = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.chmod(tmp, mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
-def _atomic_write_dir(path: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into directory ``path`` so a reader sees the old set or the new set.
-
-    The new files go to a sibling temp directory which then replaces ``path``
-    (other files already in ``path`` are kept).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (POSIX; elsewhere directories cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        if path.is_dir():
-            for item in path.iterdir():
-                if item.name not in files and item.is_file():
-                    shutil.copy2(item, tmp / item.name)
-        elif path.exists():
-            raise CheckpointError(f"{path} exists and is not a directory")
-        for name, data in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(tmp.name + ".old")
-            os.replace(path, old)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace the one file ``path`` by ``data``: a reader sees the old file or the new one."""
+    directory = _ensure_dir(path.parent)
+    _clean_orphans(directory)
+    _clean_orphans(directory, legacy_of=path.name)
+    tmp = _write_temp(path, data)
+    try:
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(directory)
+
+
+def _backup(path: Path) -> Path | None:
+    """A hard link to ``path`` under a temp name (no copy), or None when there is none to make."""
+    link = path.with_name(_temp_name(path.name))
+    try:
+        os.link(path, link, follow_symlinks=False)
+    except OSError:  # no old file, or a filesystem without hard links
+        return None
+    return link
+
+
+def _write_adapter(path: Path, weights: bytes, config: bytes) -> None:
+    """Write the two files of an adapter directory so the previous adapter stays loadable until the new one is.
+
+    Neither order of two renames is safe by itself: new weights beside the
+    old config (or the reverse) do not load when the rank patterns differ.
+    So: both files are complete on disk before either is renamed; the config
+    is rewritten only when it changed (while training it changes only with
+    the rank pattern, so most saves are one rename); when both change, the
+    weights go first, a hard link keeps the old weights, and any exception
+    (an error, Ctrl-C) before the config's rename puts them back. Only a
+    hard kill (SIGKILL, power loss) between the two renames can leave new
+    weights beside the old config, which ``load_adapter`` refuses with a
+    clear error (never mixes) and the next save repairs.
+    """
+    directory = _ensure_dir(path)
+    _clean_orphans(directory)
+    _clean_orphans(directory.parent, legacy_of=directory.name)
+    w_path, c_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    try:
+        config_changed = c_path.read_bytes() != config
+    except OSError:
+        config_changed = True
+    temps: list[Path] = []
+    try:
+        temps.append(w_tmp := _write_temp(w_path, weights))
+        c_tmp = _write_temp(c_path, config) if config_changed else None
+        backup = _backup(w_path) if c_tmp is not None else None
+        temps += [p for p in (c_tmp, backup) if p is not None]
+        try:
+            os.replace(w_tmp, w_path)
+            if c_tmp is not None:
+                _fsync_dir(directory)  # the weights' rename is durable before the config's
+                os.replace(c_tmp, c_path)
+        except BaseException:
+            if backup is not None and c_tmp is not None and not w_tmp.exists() and c_tmp.exists():
+                os.replace(backup, w_path)  # new weights are in, the config is not: the old pair again
+            raise
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(directory)
 
 
 def _to_host(arrays: Mapping[str, Array]) -> dict[str, Any]:
-    host = {}
-    for k, v in arrays.items():
-        a = to_numpy(v)
-        host[k] = np.ascontiguousarray(a)
-    return host
+    return {k: np.ascontiguousarray(to_numpy(v)) for k, v in arrays.items()}
 
 
 def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, Array], meta: Mapping[str, Any]) -> None:
-    """Write ``arrays`` and the JSON document ``meta`` to one file, atomically.
+    """Write ``arrays`` and the JSON object ``meta`` to one file, atomically.
 
     Non-finite values are refused (the file would not load back).
     """
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"metadata for {path} must be a mapping (a JSON object), got {type(meta).__name__}")
     host = _to_host(arrays)
     _check_finite(host, f"refusing to save {path}")
     try:
@@ -109,18 +254,71 @@ def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, Array], meta:
     _atomic_write_bytes(Path(path), _st_save(host, metadata={META_KEY: text}))
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+# ------------------------------------------------------------------ reading
+
+
+def _open(path: Path, framework: str = "numpy") -> Any:
     try:
-        data = path.read_bytes()
+        return safe_open(str(path), framework=framework)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    try:
-        arrays = _st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+    except SafetensorError as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from exc
-    return arrays, header.get("__metadata__", {}) or {}
+
+
+def _read_bf16(path: Path, header: Header) -> dict[str, Any]:
+    """The bfloat16 tensors of ``path`` as float32 (exact), through torch: NumPy has no bfloat16."""
+    keys = [k for k, (_, dtype) in header.items() if dtype == "bfloat16"]
+    if not keys:
+        return {}
+    try:
+        pt = _open(path, framework="pt")
+    except ImportError as exc:
+        raise CheckpointError(f"{path} holds bfloat16 (bf16) tensors {keys[:3]}, which NumPy cannot represent: "
+                              "install torch (pip install torch) to load them") from exc
+    with pt:
+        out = {k: pt.get_tensor(k).float().numpy() for k in keys}
+    if any(tuple(out[k].shape) != header[k][0] for k in keys):
+        raise CheckpointError(f"{path} was replaced while it was being read; load it again")
+    return out
+
+
+def _read_safetensors(path: Path, check: Callable[[Header, Mapping[str, str], Problems], T]) -> tuple[dict[str, Any], T]:
+    """``path``'s tensors and ``check``'s result; ``check`` sees only the header, before any tensor is read.
+
+    ``check`` records what is wrong in the ``Problems`` it is given; any
+    problem is raised before a tensor byte is read.
+    """
+    f = _open(path)
+    with f:
+        header = {}
+        problems = Problems(str(path))
+        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            info = f.get_slice(key)
+            code = info.get_dtype()
+            problems.require(code in _DTYPES, f"{key!r} has dtype {code}, which this library cannot read")
+            header[key] = (tuple(info.get_shape()), _DTYPES.get(code, code))
+        result = check(header, f.metadata() or {}, problems)
+        problems.raise_if_any()
+        host = {k: f.get_tensor(k) for k, (_, dtype) in header.items() if dtype != "bfloat16"}
+        host.update(_read_bf16(path, header))
+    return host, result
+
+
+def _check_header(problems: Problems, header: Mapping[str, tuple[tuple[int, ...], str]], expect: Spec) -> None:
+    """Keys, shapes and dtypes against ``expect``, every mismatch recorded."""
+    missing = sorted(set(expect) - set(header))
+    extra = sorted(set(header) - set(expect))
+    if missing:
+        problems.add(f"missing keys {missing}")
+    if extra:
+        problems.add(f"unexpected keys {extra}")
+    for k in sorted(set(expect) & set(header)):
+        (shape, dtype), (got_shape, got_dtype) = expect[k], header[k]
+        if tuple(got_shape) != tuple(shape):
+            problems.add(f"{k!r} has shape {tuple(got_shape)}, expected {tuple(shape)}")
+        if dtype is not None and got_dtype != dtype:
+            problems.add(f"{k!r} has dtype {got_dtype}, expected {dtype}")
 
 
 def _check_finite(host: Mapping[str, Any], what: str) -> None:
@@ -130,23 +328,10 @@ def _check_finite(host: Mapping[str, Any], what: str) -> None:
 
 
 def validate(host: Mapping[str, Any], expect: Spec, where: str) -> None:
-    """Keys, shapes and dtypes of ``host`` against ``expect``; one error listing every problem."""
-    problems = []
-    missing = sorted(set(expect) - set(host))
-    extra = sorted(set(host) - set(expect))
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if extra:
-        problems.append(f"unexpected keys {extra}")
-    for k in sorted(set(expect) & set(host)):
-        shape, dtype = expect[k]
-        a = host[k]
-        if tuple(a.shape) != tuple(shape):
-            problems.append(f"{k!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        if dtype is not None and str(a.dtype) != dtype:
-            problems.append(f"{k!r} has dtype {a.dtype}, expected {dtype}")
-    if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
+    """Keys, shapes and dtypes of loaded arrays against ``expect``; one error listing every problem."""
+    problems = Problems(where)
+    _check_header(problems, {k: (tuple(a.shape), str(a.dtype)) for k, a in host.items()}, expect)
+    problems.raise_if_any()
 
 
 def load_arrays(
@@ -156,19 +341,25 @@ def load_arrays(
 ) -> tuple[dict[str, Array], dict[str, Any]]:
     """Read a file written by ``save_arrays``: (arrays, meta).
 
-    ``expect`` (key -> (shape, dtype)) is checked exactly; ``convert`` moves
-    each NumPy array to the caller's backend after every check has passed.
+    ``expect`` (key -> (shape, dtype)) is checked exactly against the header
+    before any tensor is read; ``meta`` must be a JSON object; ``convert``
+    moves each NumPy array to the caller's backend after every check has passed.
     """
     path = Path(path)
-    host, header = _read_safetensors(path)
-    if META_KEY not in header:
-        raise CheckpointError(f"{path} has no {META_KEY!r} metadata: not written by save_arrays")
-    try:
-        meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: metadata is not valid JSON: {exc}") from exc
-    if expect is not None:
-        validate(host, expect, str(path))
+
+    def check(header: Header, metadata: Mapping[str, str], problems: Problems) -> dict[str, Any]:
+        if expect is not None:
+            _check_header(problems, header, expect)
+        if not problems.require(META_KEY in metadata, f"no {META_KEY!r} metadata: not written by save_arrays"):
+            return {}
+        try:
+            doc = json.loads(metadata[META_KEY])
+        except json.JSONDecodeError as exc:
+            problems.add(f"metadata is not valid JSON: {exc}")
+            return {}
+        return dict(problems.mapping(doc, f"the {META_KEY!r} metadata"))
+
+    host, meta = _read_safetensors(path, check)
     _check_finite(host, str(path))
     out = {k: (convert(v) if convert else v) for k, v in host.items()}
     return out, meta
@@ -193,6 +384,7 @@ def save_adapter(
     (``"<path>.lora_E" -> [bool] * init_r``) slices a full-rank module's A
     rows, E rows and B columns to the kept triplets, as PEFT's
     ``save_pretrained`` does; a module already at its kept rank is saved as is.
+    Only the two adapter files are written (see the module docstring).
     """
     pattern = dict(rank_pattern or {})
     _check_pattern(pattern, weights, config.init_r)
@@ -207,13 +399,8 @@ def save_adapter(
             tensors[f"{PREFIX}{name}.{part}"] = np.ascontiguousarray(t)
     _check_finite(tensors, f"refusing to save {path}")
     cfg = config.replace(rank_pattern=pattern or None, inference_mode=True).to_dict()
-    _atomic_write_dir(
-        Path(path),
-        {
-            WEIGHTS_NAME: _st_save(tensors, metadata={"format": "pt"}),
-            CONFIG_NAME: json.dumps(cfg, indent=2, sort_keys=True).encode(),
-        },
-    )
+    _write_adapter(Path(path), _st_save(tensors, metadata={"format": "pt"}),
+                   json.dumps(cfg, indent=2, sort_keys=True).encode())
 
 
 def _check_pattern(pattern: Mapping[str, Sequence[bool]], weights: Mapping[str, Triplet], init_r: int) -> None:
@@ -229,11 +416,15 @@ def _check_pattern(pattern: Mapping[str, Sequence[bool]], weights: Mapping[str, 
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> AdaLoraConfig:
+    """``adapter_config.json`` of directory ``path``, validated (a ``CheckpointError`` naming the file)."""
     cfg_path = Path(path) / CONFIG_NAME
     try:
         data = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {cfg_path}: {exc}") from exc
+    problems = Problems(str(cfg_path))
+    data = problems.mapping(data, "its content")
+    problems.raise_if_any()
     try:
         return AdaLoraConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
@@ -248,37 +439,41 @@ def load_adapter(
     """Read a PEFT AdaLoRA directory (ours or PEFT's): ``(config, {module: Triplet})``.
 
     Triplets come back at their saved ranks ``r_i`` (the kept count of the
-    rank pattern, 0 allowed). ``shapes`` (module -> (in, out)) checks the
-    tensors against the model they are meant for. Every check runs before
-    ``convert`` is called, so a bad directory changes nothing.
+    rank pattern, 0 allowed), float32 for a bfloat16 file. ``shapes``
+    (module -> (in, out)) checks the tensors against the model they are meant
+    for. Every check runs before ``convert`` is called, so a bad directory
+    changes nothing; shapes and dtypes are checked before any tensor is read.
     """
     config = read_adapter_config(path)
-    host, _ = _read_safetensors(Path(path) / WEIGHTS_NAME)
-    modules = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in host if k.startswith(PREFIX)})
-    if shapes is not None:
-        modules = list(shapes)
     pattern = dict(config.rank_pattern or {})
-    expect: dict[str, tuple[tuple[int, ...], str | None]] = {}
-    for name in modules:
-        mask = pattern.get(f"{name}.lora_E")
-        r = config.init_r if mask is None else sum(bool(b) for b in mask)
-        if shapes is not None:
-            fan_in, fan_out = shapes[name]
-        else:
-            a = host.get(f"{PREFIX}{name}.lora_A")
-            b = host.get(f"{PREFIX}{name}.lora_B")
-            fan_in = a.shape[-1] if a is not None and a.ndim == 2 else -1
-            fan_out = b.shape[0] if b is not None and b.ndim == 2 else -1
-        expect[f"{PREFIX}{name}.lora_A"] = ((r, fan_in), None)
-        expect[f"{PREFIX}{name}.lora_B"] = ((fan_out, r), None)
-        expect[f"{PREFIX}{name}.lora_E"] = ((r, 1), None)
-    unknown = [k for k in pattern if k.removesuffix(".lora_E") not in modules]
-    if unknown:
-        raise CheckpointError(f"{path}: rank_pattern names modules that have no tensors: {unknown}")
-    validate(host, expect, str(Path(path) / WEIGHTS_NAME))
-    dtypes = {str(a.dtype) for a in host.values()}
-    if len(dtypes) > 1:
-        raise CheckpointError(f"{path}: adapter tensors have mixed dtypes {sorted(dtypes)}")
+
+    def check(header: Header, metadata: Mapping[str, str], problems: Problems) -> list[str]:
+        modules = list(shapes) if shapes is not None else \
+            sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in header if k.startswith(PREFIX)})
+        expect: dict[str, tuple[tuple[int, ...], str | None]] = {}
+        for name in modules:
+            mask = pattern.get(f"{name}.lora_E")
+            r = config.init_r if mask is None else sum(bool(b) for b in mask)
+            if shapes is not None:
+                fan_in, fan_out = shapes[name]
+            else:
+                a_shape = header.get(f"{PREFIX}{name}.lora_A", ((),))[0]
+                b_shape = header.get(f"{PREFIX}{name}.lora_B", ((),))[0]
+                fan_in = a_shape[-1] if len(a_shape) == 2 else -1
+                fan_out = b_shape[0] if len(b_shape) == 2 else -1
+            expect[f"{PREFIX}{name}.lora_A"] = ((r, fan_in), None)
+            expect[f"{PREFIX}{name}.lora_B"] = ((fan_out, r), None)
+            expect[f"{PREFIX}{name}.lora_E"] = ((r, 1), None)
+        unknown = [k for k in pattern if k.removesuffix(".lora_E") not in modules]
+        problems.require(not unknown, f"the rank_pattern of {CONFIG_NAME} names modules that have no tensors: "
+                                      f"{unknown}")
+        _check_header(problems, header, expect)
+        dtypes = sorted({dtype for _, dtype in header.values()})
+        problems.require(len(dtypes) <= 1, f"adapter tensors have mixed dtypes {dtypes}")
+        problems.require(set(dtypes) <= set(_FLOATS), f"adapter tensors must be floating, got {dtypes}")
+        return modules
+
+    host, modules = _read_safetensors(Path(path) / WEIGHTS_NAME, check)
     _check_finite(host, str(path))
     conv = convert or (lambda a: a)
     weights = {
