@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
+
+from .errors import AdaLoraWarning
 
 
-def _fail(name: str, value: Any, rule: str) -> None:
+def _fail(name: str, value: Any, rule: str) -> NoReturn:
     raise ValueError(f"{name}={value!r} is invalid: {rule}")
 
 
@@ -23,6 +26,12 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> None:
         _fail(name, value, "must be an int")
     if minimum is not None and value < minimum:
         _fail(name, value, f"must be >= {minimum}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """A real bool: ``"False"`` from a YAML file or a CLI is truthy, so it is refused, not coerced."""
+    if not isinstance(value, bool):
+        _fail(name, value, "must be a bool (true or false)")
 
 
 def check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -40,11 +49,88 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
         _fail(name, value, f"must lie in {lo or '(-inf'}, {hi or 'inf)'}")
 
 
-def _names(name: str, value: Any) -> None:
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _names(name: str, value: Any) -> tuple[str, ...] | str | None:
+    """None, a regex string, or the names as a tuple (a set, as PEFT holds them, sorted)."""
     if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        return value
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
         _fail(name, value, "must be None, a regex string, or a list of module names")
+    return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+
+
+def _layer_indexes(value: Any) -> tuple[int, ...] | int | None:
+    if value is None or _is_index(value):
+        return value
+    if not isinstance(value, (list, tuple)) or not all(_is_index(i) for i in value):
+        _fail("layers_to_transform", value, "must be None, a layer index (an int >= 0) or a list of them")
+    return tuple(value)
+
+
+def _rank_pattern(value: Any, init_r: int) -> FrozenDict | None:
+    """PEFT's rank pattern: ``'<module>.lora_E'`` -> one bool per triplet of the full rank ``init_r``."""
+    if value is None:
+        return None
+    rule = f"must map '<module>.lora_E' to a list of init_r={init_r} bools"
+    if not isinstance(value, Mapping):
+        _fail("rank_pattern", value, rule)
+    for key, mask in value.items():
+        if (not isinstance(key, str) or not isinstance(mask, (list, tuple)) or len(mask) != init_r
+                or not all(isinstance(b, bool) for b in mask)):
+            _fail("rank_pattern", {key: mask}, rule)
+    return FrozenDict(value)
+
+
+def _json_object(cls: type, data: Any) -> Mapping[str, Any]:
+    """``data`` if it is a dict; a ValueError like every other bad config value (loaders catch those)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__}: expected a JSON object (a dict of fields), "  # noqa: TRY004
+                         f"got {type(data).__name__} {data!r:.80}")
+    return data
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+class FrozenDict(Mapping[str, Any]):
+    """A read-only copy of a dict whose list values become tuples: what frozen configs hold.
+
+    Unlike ``types.MappingProxyType`` it is hashable and picklable, so the
+    config stays both. It equals any mapping with the same keys and values,
+    lists and tuples alike: ``cfg.rank_pattern == {"m.lora_E": [True, False]}``.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = {k: _frozen(v) for k, v in data.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self._data == {k: _frozen(v) for k, v in other.items()}
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        return type(self), (self._data,)
 
 
 _C = TypeVar("_C", bound="_Config")
@@ -62,11 +148,24 @@ class _Config:
     @classmethod
     def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:  # noqa: PYI019
         """A config from :meth:`to_dict` output; unknown keys are an error (they mean another format)."""
+        data = _json_object(cls, data)
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"{cls.__name__} has no fields {unknown}; known: {sorted(known)}")
         return cls(**dict(data))
+
+
+#: Keys of PEFT 0.21's AdaLoRA ``adapter_config.json`` that are not fields here:
+#: :meth:`AdaLoraConfig.from_dict` ignores them silently (any other unknown key warns).
+PEFT_ONLY_KEYS: tuple[str, ...] = (
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path",
+    "corda_config", "ensure_weight_tying", "eva_config", "kasa_config", "layer_replication",
+    "loftq_config", "lora_bias", "lora_ga_config", "megatron_config", "megatron_core",
+    "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "revision",
+    "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora",
+    "use_qalora", "use_rslora", "velora_config",
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +174,9 @@ class AdaLoraConfig(_Config):
 
     ``tfinal`` is a duration: the final phase starts at ``total_step - tfinal``.
     ``target_r == init_r`` is allowed and gives a constant budget (no pruning).
+    Containers are stored as immutable copies: name lists and
+    ``layers_to_transform`` as tuples, ``rank_pattern`` as a :class:`FrozenDict`
+    of bool tuples; :meth:`to_dict` gives PEFT's lists and dicts back.
     """
 
     total_step: int | None = None
@@ -120,19 +222,18 @@ class AdaLoraConfig(_Config):
         check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         if self.bias not in ("none", "all", "lora_only"):
             _fail("bias", self.bias, "must be 'none', 'all' or 'lora_only'")
-        _names("target_modules", self.target_modules)
-        _names("exclude_modules", self.exclude_modules)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_bool("init_lora_weights", self.init_lora_weights)
+        check_bool("inference_mode", self.inference_mode)
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            object.__setattr__(self, name, _names(name, getattr(self, name)))
+        object.__setattr__(self, "layers_to_transform", _layer_indexes(self.layers_to_transform))
+        object.__setattr__(self, "rank_pattern", _rank_pattern(self.rank_pattern, self.init_r))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             _fail("layers_to_transform", self.layers_to_transform,
                   "cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             _fail("layers_pattern", self.layers_pattern, "needs layers_to_transform as well")
-        if self.rank_pattern is not None:
-            if not isinstance(self.rank_pattern, Mapping):
-                _fail("rank_pattern", self.rank_pattern, "must be a dict '<module>.lora_E' -> list of bool")
-            for key, mask in self.rank_pattern.items():
-                if not isinstance(key, str) or len(mask) != self.init_r:
-                    _fail("rank_pattern", {key: mask}, f"each entry must be a list of init_r={self.init_r} bools")
 
     @property
     def final_step(self) -> int:
@@ -150,25 +251,36 @@ class AdaLoraConfig(_Config):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (tuple, list, set, frozenset)):
+            if isinstance(v, tuple):
                 v = list(v)
             elif isinstance(v, Mapping):
-                v = {k: [bool(b) for b in m] for k, m in v.items()}
+                v = {k: list(m) for k, m in v.items()}
             out[f.name] = v
         out["peft_type"] = "ADALORA"
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdaLoraConfig:
-        """A config from ``to_dict`` output or PEFT's adapter_config.json (unknown keys ignored)."""
+        """A config from ``to_dict`` output or PEFT's adapter_config.json.
+
+        Unknown keys are ignored, as PEFT ignores them; those PEFT writes
+        (:data:`PEFT_ONLY_KEYS`) silently, any other with one
+        :class:`AdaLoraWarning` naming them all, so a typo such as ``beta_1``
+        does not pass for a setting.
+        """
+        data = _json_object(cls, data)
         peft_type = data.get("peft_type", "ADALORA")
         if peft_type != "ADALORA":
             raise ValueError(f"peft_type={peft_type!r} is invalid: expected 'ADALORA'")
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - set(PEFT_ONLY_KEYS), key=str)
+        if unknown:
+            warnings.warn(f"AdaLoraConfig.from_dict ignores unknown keys {unknown}: they are neither "
+                          "AdaLoraConfig fields nor PEFT's; check their spelling", AdaLoraWarning, stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-__all__ = ["AdaLoraConfig", "check_float", "check_int"]
+__all__ = ["PEFT_ONLY_KEYS", "AdaLoraConfig", "FrozenDict", "check_bool", "check_float", "check_int"]
 
 
 # ---------------------------------------------------------------------------
@@ -245,13 +357,11 @@ class MicroLoraConfig(_Config):
                         or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in v)):
                     _fail(f"module_dims[{k!r}]", v, "must be a pair (in_features, out_features) of ints >= 1")
                 dims[k] = (int(v[0]), int(v[1]))
-            object.__setattr__(self, "module_dims", dims)
-        if not isinstance(self.use_bias, bool):
-            _fail("use_bias", self.use_bias, "must be a bool")
+            object.__setattr__(self, "module_dims", FrozenDict(dims))
+        check_bool("use_bias", self.use_bias)
         if self.init not in MICROLORA_INITS:
             _fail("init", self.init, f"must be one of {list(MICROLORA_INITS)}")
-        if not isinstance(self.allow_heuristic_gradient, bool):
-            _fail("allow_heuristic_gradient", self.allow_heuristic_gradient, "must be a bool")
+        check_bool("allow_heuristic_gradient", self.allow_heuristic_gradient)
 
     @classmethod
     def for_hidden_dim(cls, hidden_dim: int, **changes: Any) -> MicroLoraConfig:
@@ -319,13 +429,11 @@ class EwcConfig(_Config):
             _fail("mode", self.mode, f"must be one of {list(EWC_MODES)}")
         check_int("window", self.window, 1)
         check_float("alpha", self.alpha, 0.0, 1.0, low_open=True)
-        if not isinstance(self.normalise_at_task_boundary, bool):
-            _fail("normalise_at_task_boundary", self.normalise_at_task_boundary, "must be a bool")
+        check_bool("normalise_at_task_boundary", self.normalise_at_task_boundary)
         if self.update not in EWC_UPDATES:
             _fail("update", self.update, f"must be one of {list(EWC_UPDATES)}")
         check_float("lam", self.lam, 0.0)
-        if not isinstance(self.update_fisher, bool):
-            _fail("update_fisher", self.update_fisher, "must be a bool")
+        check_bool("update_fisher", self.update_fisher)
 
 
 __all__ += ["KNOWN_MODULES", "EwcConfig", "MicroLoraConfig"]
