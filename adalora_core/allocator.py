@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._xp import Array, device, namespace
@@ -24,8 +25,12 @@ from .config import AdaLoraConfig
 from .errors import AdaLoraWarning
 from .schedule import budget_schedule
 from .triplet import Triplet
+from .validate import Problems
 
 PARTS = ("A", "E", "B")
+KINDS = ("ema_ipt", "ema_unc")
+# the config fields the allocator's arithmetic reads: a state computed under others cannot resume here
+SCHEDULE_FIELDS = ("total_step", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2")
 
 
 def importance(p: Array, g: Array) -> Array:
@@ -106,21 +111,28 @@ class RankAllocator:
         self.init_bgt = sum(self.ranks.values())
         self.target_bgt = config.target_r * len(self.ranks)
         self._backend = backend
-        self._ema_update = None
+        self._ema_update: Any = None  # resolved from the backend of the first step's arrays
         self.reset()
 
     # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
-        """Forget the EMAs, the pattern and the step counter."""
-        self.ema_ipt: dict[str, Triplet] | None = {}
-        self.ema_unc: dict[str, Triplet] | None = {}
-        self.masks: dict[str, Array] = {}
-        self.finalized = False
-        self.last_step: int | None = None
-        self.budget = self.init_bgt
-        self.skipped_steps = 0
-        self.missing_grads: Counter[str] = Counter()
+        """Forget the EMAs, the pattern, the step counter and the weights' shapes."""
+        self._commit(_State(ema_ipt={}, ema_unc={}, masks={}, finalized=False, last_step=None,
+                            budget=self.init_bgt, skipped_steps=0, missing_grads=Counter(), shapes={}))
+
+    def _commit(self, state: _State) -> None:
+        """Make ``state`` the allocator's: plain assignments only, so it cannot fail half-way."""
+        self.ema_ipt: dict[str, Triplet] | None = state.ema_ipt
+        self.ema_unc: dict[str, Triplet] | None = state.ema_unc
+        self.masks: dict[str, Array] = state.masks
+        self.finalized = state.finalized
+        self.last_step: int | None = state.last_step
+        self.budget = state.budget
+        self.skipped_steps = state.skipped_steps
+        self.missing_grads: Counter[str] = state.missing_grads
+        # module -> (in, out) of its weights: learned from the first step (or a loaded state), then enforced
+        self.shapes: dict[str, tuple[int, int]] = state.shapes
         self._warned: set[str] = set()
 
     @property
@@ -157,16 +169,22 @@ class RankAllocator:
           the scores as they stand, keep that pattern, drop the EMAs;
         * later calls: re-apply the final pattern.
 
-        All inputs are checked before any state changes.
+        ``params[name]`` and ``grads[name]`` are a :class:`Triplet` or a sequence
+        of three arrays ``(A, E, B)``; a gradient entry may be None (the whole
+        module) or hold None parts. Gradients must have their weights' shapes
+        and dtypes: float64 gradients for float32 weights are refused, not cast,
+        since the EMAs keep the weights' dtype and a silent cast would hide a
+        mixed-precision bug. All inputs are checked before any state changes.
         """
-        grads = grads or {}
-        self._check(step, params, grads)
+        params, grads = self._check(step, params, grads or {})
         if self._ema_update is None:
             from adalora_core.backends import resolve
 
             backend = resolve(self._backend, params[self.names[0]].A)
             self._ema_update = backend.op("ema_update", ema_update)
         self.last_step = step
+        if not self.shapes:
+            self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in params.items()}
         if self.finalized:
             return self._masked(params)
         if step < self.config.final_step:
@@ -183,7 +201,9 @@ class RankAllocator:
         self.ema_ipt = self.ema_unc = None
         return self._masked(params)
 
-    def _check(self, step: int, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None]) -> None:
+    def _check(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
+               ) -> tuple[dict[str, Triplet], dict[str, Triplet | None]]:
+        """Raise a ValueError for any bad input; return params and grads as Triplets."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is invalid: must be an int >= 0")
         if self.last_step is not None and step < self.last_step:
@@ -197,24 +217,42 @@ class RankAllocator:
         unknown = sorted(set(grads) - set(self.ranks))
         if unknown:
             raise ValueError(f"grads name unknown modules {unknown}")
-        devices = set()
+        ps = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in self.names}
+        gs = {n: None if grads.get(n) is None else _triplet(grads[n], f"grads[{n!r}]") for n in self.names}
+        namespace(*(t for p in ps.values() for t in p), *(t for g in gs.values() if g is not None for t in g))
+        devices: set[str] = set()
         for name in self.names:
-            A, E, B = params[name]
-            r = self.ranks[name]
-            if A.shape[0] != r or E.shape != (r, 1) or B.shape[1] != r:
-                raise ValueError(f"module {name!r}: expected rank {r} (A (r, in), E (r, 1), B (out, r)); "
-                                 f"got A {tuple(A.shape)}, E {tuple(E.shape)}, B {tuple(B.shape)}")
-            g = grads.get(name)
-            if g is not None:
-                for part, p, gp in zip(PARTS, params[name], g):
-                    if gp is not None and gp.shape != p.shape:
-                        raise ValueError(f"module {name!r}: grad of {part} has shape {tuple(gp.shape)}, "
-                                         f"expected {tuple(p.shape)}")
-            devices.update(str(device(t)) for t in (A, E, B))
+            self._check_module(name, ps[name], gs[name])
+            devices.update(str(device(t)) for t in ps[name])
         if len(devices) > 1:
             raise ValueError(f"all weights must live on one device; found {sorted(devices)}")
-        namespace(*(t for n in self.names for t in params[n]),
-                  *(t for g in grads.values() if g is not None for t in g if t is not None))
+        return ps, gs
+
+    def _check_module(self, name: str, p: Triplet, g: Triplet | None) -> None:
+        """One module's weights against its rank and known shape, and its gradients against its weights."""
+        A, E, B = p
+        r, want = self.ranks[name], self.shapes.get(name)
+        ok = len(A.shape) == 2 and len(B.shape) == 2 and (A.shape[0], tuple(E.shape), B.shape[1]) == (r, (r, 1), r)
+        if ok and want is not None:
+            ok = (A.shape[1], B.shape[0]) == want
+        if not ok:
+            known = f" and (in, out) = {want}" if want is not None else ""
+            raise ValueError(f"module {name!r}: expected rank {r}{known} (A (r, in), E (r, 1), B (out, r)); "
+                             f"got A {tuple(A.shape)}, E {tuple(E.shape)}, B {tuple(B.shape)}")
+        if self.ema_ipt:  # the EMAs keep the weights' dtype: weights of another dtype are not theirs
+            for part, t, m in zip(PARTS, p, self.ema_ipt[name]):
+                if t.dtype != m.dtype:
+                    raise ValueError(f"module {name!r}: {part} has dtype {t.dtype} but its importance EMA "
+                                     f"{m.dtype}; the allocator's state is for weights of another dtype")
+        for part, t, gt in zip(PARTS, p, g or ()):
+            if gt is None:
+                continue
+            if gt.shape != t.shape:
+                raise ValueError(f"module {name!r}: grad of {part} has shape {tuple(gt.shape)}, "
+                                 f"expected {tuple(t.shape)}")
+            if gt.dtype != t.dtype:
+                raise ValueError(f"module {name!r}: grad of {part} has dtype {gt.dtype}, its weight {t.dtype}; "
+                                 "cast the gradients to the weights' dtype")
 
     def _update_importance(self, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None]) -> None:
         assert self.ema_ipt is not None and self.ema_unc is not None
@@ -282,14 +320,15 @@ class RankAllocator:
     def state_dict(self) -> tuple[dict[str, Array], dict[str, Any]]:
         """``(arrays, meta)``: everything :meth:`load_state_dict` needs to resume exactly."""
         arrays: dict[str, Array] = {}
-        for kind, store in (("ema_ipt", self.ema_ipt), ("ema_unc", self.ema_unc)):
+        for kind, store in zip(KINDS, (self.ema_ipt, self.ema_unc)):
             for name, trip in (store or {}).items():
                 for part, t in zip(PARTS, trip):
                     arrays[f"{kind}.{name}.{part}"] = t
         for name, m in self.masks.items():
             arrays[f"mask.{name}"] = m
         meta = {
-            "ranks": self.ranks,
+            "ranks": dict(self.ranks),
+            "shapes": {n: list(s) for n, s in self.shapes.items()} or None,
             "last_step": self.last_step,
             "finalized": self.finalized,
             "budget": self.budget,
@@ -299,37 +338,133 @@ class RankAllocator:
         }
         return arrays, meta
 
-    def load_state_dict(self, arrays: Mapping[str, Array], meta: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validated first, so a mismatch changes nothing."""
-        if dict(meta.get("ranks", {})) != self.ranks:
-            raise ValueError(f"allocator state is for modules/ranks {meta.get('ranks')}, not {self.ranks}")
-        ema: dict[str, dict[str, dict[str, Array]]] = {"ema_ipt": {}, "ema_unc": {}}
-        masks: dict[str, Array] = {}
-        for key, t in arrays.items():
-            kind, _, rest = key.partition(".")
-            if kind == "mask" and rest in self.ranks and tuple(t.shape) == (self.ranks[rest],):
-                masks[rest] = t
-                continue
-            name, _, part = rest.rpartition(".")
-            if kind not in ema or name not in self.ranks or part not in PARTS:
-                raise ValueError(f"allocator state has an unexpected array {key!r} of shape {tuple(t.shape)}")
-            ema[kind].setdefault(name, {})[part] = t
-        finalized = bool(meta["finalized"])
-        for kind, store in ema.items():
-            for name, parts in store.items():
-                if set(parts) != set(PARTS) or parts["E"].shape != (self.ranks[name], 1):
-                    raise ValueError(f"allocator state {kind}.{name} is incomplete or has the wrong rank")
-        if set(ema["ema_ipt"]) != set(ema["ema_unc"]):
-            raise ValueError("allocator state has sensitivity and uncertainty EMAs for different modules")
-        self.reset()
-        self.ema_ipt = None if finalized else {n: Triplet(*(p[x] for x in PARTS)) for n, p in ema["ema_ipt"].items()}
-        self.ema_unc = None if finalized else {n: Triplet(*(p[x] for x in PARTS)) for n, p in ema["ema_unc"].items()}
-        self.masks = masks
-        self.finalized = finalized
-        self.last_step = meta["last_step"]
-        self.budget = int(meta["budget"])
-        self.skipped_steps = int(meta["skipped_steps"])
-        self.missing_grads = Counter(meta.get("missing_grads", {}))
+    def load_state_dict(self, arrays: Mapping[str, Array], meta: Mapping[str, Any],
+                        params: Mapping[str, Triplet] | None = None) -> None:
+        """Restore :meth:`state_dict` output; a refused state changes nothing.
+
+        Raises :class:`~adalora_core.errors.CheckpointError` (a ValueError) that
+        lists every problem (see :meth:`_validate_state`). ``params``: the
+        weights the state will be used with, when the caller has them, so that
+        the EMAs are checked against their shapes and dtypes now rather than at
+        the next step. A state saved before ``shapes`` were recorded loads too.
+        """
+        self._commit(self._validate_state(arrays, meta, params))
+
+    def _validate_state(self, arrays: Any, meta: Any, params: Mapping[str, Any] | None = None) -> _State:
+        """Check a :meth:`state_dict` output against this allocator and return it staged; changes nothing.
+
+        Every meta field is type- and range-checked; every array must be
+        present (both EMAs, all three parts, every module, or none before the
+        first update; masks for every module or none), with the shape of the
+        weights (``params``, else the shapes learned from earlier steps, else
+        the state's own), a floating dtype equal to the weights' where known,
+        and finite values. All problems are raised together.
+        """
+        p = Problems("allocator state")
+        meta = p.mapping(meta, "its metadata")
+        if not isinstance(arrays, Mapping):
+            p.add(f"its arrays must be a mapping of name to array, got {type(arrays).__name__}")
+            arrays = {}
+        ranks = meta.get("ranks")
+        p.require(isinstance(ranks, Mapping) and dict(ranks) == self.ranks,
+                  f"it is for modules/ranks {ranks!r}, not {self.ranks}")
+        finalized = p.bool_field(meta, "finalized")
+        last_step = None
+        if p.require("last_step" in meta, "missing field 'last_step'"):
+            last_step = p.int_field(meta, "last_step", optional=True)
+        if last_step is not None:
+            p.require(last_step <= self.config.total_step,  # type: ignore[operator]
+                      f"last_step={last_step} is beyond total_step={self.config.total_step}")
+        budget = p.int_field(meta, "budget")
+        lo, hi = sorted((self.init_bgt, self.target_bgt))
+        if budget is not None:
+            p.require(lo <= budget <= hi, f"budget={budget} must lie in [{lo}, {hi}] (the schedule's range)")
+        skipped = p.int_field(meta, "skipped_steps")
+        missing = _meta_missing_grads(p, meta, self.ranks)
+        self._check_config(p, meta)
+
+        known = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in self.names} \
+            if params is not None else None
+        shapes = {n: (int(t.A.shape[1]), int(t.B.shape[0])) for n, t in known.items()} if known else self.shapes
+        saved = _meta_shapes(p, meta, self.ranks)
+        if shapes and saved and saved != shapes:
+            p.add(f"it is for weights of (in, out) {saved}, not {shapes}")
+        has_ema = any(str(k).startswith(tuple(f"{kind}." for kind in KINDS)) for k in arrays)
+        dims: Mapping[str, tuple[int, int] | None] = shapes or saved or {n: _ema_dims(arrays, n) for n in self.names}
+        ref = known or (self.ema_ipt if self.ema_ipt else None)  # arrays of the weights' dtypes, if any
+        emas = self._check_emas(p, arrays, dims, ref) if has_ema else {}
+        masks = self._check_masks(p, arrays)
+        expected = {f"{kind}.{n}.{x}" for kind in KINDS for n in self.names for x in PARTS}
+        unknown = sorted(str(k) for k in arrays if k not in expected and k not in {f"mask.{n}" for n in self.names})
+        p.require(not unknown, f"unexpected arrays {unknown[:8]}")
+        _check_one_library(p, arrays.values())
+        p.require(not (finalized and has_ema), "a finalized state holds no EMAs (they are dropped at T_f)")
+        p.require(not (masks and not has_ema and not finalized), "masks without EMAs (masks come from them)")
+        p.require(not ("last_step" in meta and meta["last_step"] is None and (arrays or finalized)),
+                  "a state before the first step (last_step=None) holds no arrays and is not finalized")
+        p.raise_if_any()
+        assert finalized is not None and budget is not None and skipped is not None
+
+        def store(kind: str) -> dict[str, Triplet] | None:
+            if finalized:
+                return None
+            return {n: Triplet(*(emas[f"{kind}.{n}.{x}"] for x in PARTS)) for n in self.names} if emas else {}
+
+        new_shapes = shapes or saved or ({n: d for n, d in dims.items() if d is not None} if has_ema else {})
+        return _State(ema_ipt=store("ema_ipt"), ema_unc=store("ema_unc"), masks=masks, finalized=finalized,
+                      last_step=last_step, budget=budget, skipped_steps=skipped, missing_grads=missing,
+                      shapes=dict(new_shapes))
+
+    def _check_config(self, p: Problems, meta: Mapping[str, Any]) -> None:
+        """The saved config is a valid one with this allocator's schedule and betas."""
+        raw = p.field(meta, "config")
+        if "config" not in meta or not p.require(isinstance(raw, Mapping), "config must be a JSON object (a dict), "
+                                                                           f"got {type(raw).__name__}"):
+            return
+        try:
+            saved = AdaLoraConfig.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            p.add(f"config: {exc}")
+            return
+        diff = {f: getattr(saved, f) for f in SCHEDULE_FIELDS if getattr(saved, f) != getattr(self.config, f)}
+        p.require(not diff, f"it was computed with config {diff}, this allocator has "
+                            f"{ {f: getattr(self.config, f) for f in diff} }")
+
+    def _check_emas(self, p: Problems, arrays: Mapping[Any, Any], dims: Mapping[str, tuple[int, int] | None],
+                    ref: Mapping[str, Triplet] | None) -> dict[str, Array]:
+        """Both EMAs of every module, all three parts, each against the weights' shape and dtype."""
+        out: dict[str, Array] = {}
+        missing = []
+        for n, r in self.ranks.items():
+            d = dims.get(n)
+            p.require(d is not None, f"module {n!r}: ema_ipt.{n}.A and .B must be 2-d (they tell its (in, out))")
+            for j, (x, shape) in enumerate(zip(PARTS, ((r, d[0]) if d else None, (r, 1), (d[1], r) if d else None))):
+                for kind in KINDS:
+                    key = f"{kind}.{n}.{x}"
+                    if key not in arrays:
+                        missing.append(key)
+                        continue
+                    # the weights' dtype where known, else the sensitivity EMA's for the uncertainty EMA
+                    dtype = ref[n][j].dtype if ref else getattr(out.get(f"ema_ipt.{n}.{x}"), "dtype", None)
+                    p.array(key, arrays[key], shape, dtype=dtype)
+                    out[key] = arrays[key]
+        p.require(not missing, f"missing arrays {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        return out
+
+    def _check_masks(self, p: Problems, arrays: Mapping[Any, Any]) -> dict[str, Array]:
+        """A bool mask of shape ``(r,)`` for every module, or none at all."""
+        keys = {f"mask.{n}": n for n in self.names}
+        if not any(k in keys for k in arrays):
+            return {}
+        missing = sorted(k for k in keys if k not in arrays)
+        p.require(not missing, f"missing arrays {missing}")
+        out: dict[str, Array] = {}
+        for key, n in keys.items():
+            t = arrays.get(key)
+            if t is not None and p.array(key, t, (self.ranks[n],), floating=False, finite=False):
+                p.require(namespace(t).isdtype(t.dtype, "bool"), f"{key!r} has dtype {t.dtype}, expected bool")
+                out[n] = t
+        return out
 
 
 def _host_list(mask: Array) -> list[bool]:
@@ -340,3 +475,77 @@ def _host_list(mask: Array) -> list[bool]:
     from ._xp import to_numpy
 
     return [bool(b) for b in to_numpy(mask).tolist()]
+
+
+@dataclass
+class _State:
+    """Everything :meth:`RankAllocator._commit` assigns, staged (and validated) beforehand."""
+
+    ema_ipt: dict[str, Triplet] | None
+    ema_unc: dict[str, Triplet] | None
+    masks: dict[str, Array]
+    finalized: bool
+    last_step: int | None
+    budget: int
+    skipped_steps: int
+    missing_grads: Counter[str]
+    shapes: dict[str, tuple[int, int]]
+
+
+def _triplet(entry: Any, what: str, parts_may_be_none: bool = True) -> Triplet:
+    """``entry`` as a Triplet: a Triplet or any 3-sequence of arrays (None parts where allowed)."""
+    if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+        got = f"a sequence of {len(entry)}" if isinstance(entry, (tuple, list)) else type(entry).__name__
+        raise ValueError(f"{what} must be a Triplet (A, E, B) or a sequence of 3 arrays, got {got}")
+    for part, t in zip(PARTS, entry):
+        if not (t is None and parts_may_be_none) and not (hasattr(t, "shape") and hasattr(t, "dtype")):
+            raise ValueError(f"{what}: {part} must be an array{' or None' if parts_may_be_none else ''}, "
+                             f"got {type(t).__name__}")
+    return entry if isinstance(entry, Triplet) else Triplet(*entry)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _meta_missing_grads(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, int]) -> Counter[str]:
+    """``missing_grads``: module -> count, for known modules only."""
+    raw = p.field(meta, "missing_grads")
+    if "missing_grads" not in meta:
+        return Counter()
+    raw = p.mapping(raw, "missing_grads")
+    bad = {k: v for k, v in raw.items() if k not in ranks or not _is_count(v)}
+    p.require(not bad, f"missing_grads {bad} must map the allocator's modules to ints >= 0")
+    return Counter({k: v for k, v in raw.items() if k not in bad})
+
+
+def _meta_shapes(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """``shapes``: module -> ``[in, out]`` for every module; None (or absent, in older states) when unknown."""
+    raw = meta.get("shapes")
+    if raw is None:
+        return {}
+    ok = isinstance(raw, Mapping) and set(raw) == set(ranks) and all(
+        isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_count(x) for x in v) for v in raw.values())
+    if not p.require(ok, f"shapes={raw!r} must map every module to [in, out] (ints >= 0), or be null"):
+        return {}
+    return {n: (v[0], v[1]) for n, v in raw.items()}
+
+
+def _ema_dims(arrays: Mapping[Any, Any], name: str) -> tuple[int, int] | None:
+    """``(in, out)`` as the state's own sensitivity EMA of ``A`` and ``B`` tell them."""
+    a, b = (tuple(getattr(arrays.get(f"ema_ipt.{name}.{x}"), "shape", ())) for x in "AB")
+    return (int(a[1]), int(b[0])) if len(a) == 2 and len(b) == 2 else None
+
+
+def _check_one_library(p: Problems, arrays: Any) -> None:
+    """All arrays of one library and on one device."""
+    present = [a for a in arrays if hasattr(a, "shape") and hasattr(a, "dtype")]
+    if not present:
+        return
+    try:
+        namespace(*present)
+    except TypeError as exc:
+        p.add(str(exc))
+        return
+    devices = {str(device(a)) for a in present}
+    p.require(len(devices) <= 1, f"its arrays live on several devices {sorted(devices)}")

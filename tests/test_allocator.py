@@ -1,15 +1,24 @@
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
 import pytest
+from adalora_core.conformance import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adalora_core import AdaLoraConfig, AdaLoraWarning, Adam, RankAllocator, Triplet, load_arrays, save_arrays
+from adalora_core import (
+    AdaLoraConfig,
+    AdaLoraWarning,
+    Adam,
+    RankAllocator,
+    Triplet,
+    load_arrays,
+    save_arrays,
+)
 from adalora_core.allocator import keep_mask, kth_threshold, triplet_scores
-from adalora_core.conformance import reference as ref
 
 CFG = AdaLoraConfig(total_step=40, init_r=4, target_r=2, tinit=5, tfinal=10, deltaT=3)
 SHAPES = {"a": (6, 5), "b": (3, 7), "c": (8, 8)}  # module -> (in, out)
@@ -207,7 +216,7 @@ def test_load_state_dict_validates_before_changing_anything():
         other.load_state_dict(arrays, {**meta, "ranks": {"a": 4}})
     bad = dict(arrays)
     bad["ema_ipt.a.E"] = bad["ema_ipt.a.E"][:2]
-    with pytest.raises(ValueError, match="wrong rank"):
+    with pytest.raises(ValueError, match=r"'ema_ipt.a.E' has shape \(2, 1\), expected \(4, 1\)"):
         other.load_state_dict(bad, meta)
     after = other.state_dict()
     for k in before[0]:
@@ -218,9 +227,11 @@ def test_no_pruning_before_any_importance_was_measured():
     alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
     params = make(0)
     nan = {n: g._replace(E=g.E * np.nan) for n, g in make(1).items()}
-    with pytest.warns(AdaLoraWarning):
-        for step in range(0, 10):  # step 6 and 9 are mask steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(10):  # step 6 and 9 are mask steps
             E = alloc.update_and_allocate(step, params, nan)
+    assert any(issubclass(w.category, AdaLoraWarning) for w in caught)
     assert alloc.skipped_steps == 10 and alloc.rank_pattern == {}
     for n in SHAPES:
         np.testing.assert_array_equal(E[n], params[n].E)
@@ -245,3 +256,183 @@ def test_weights_on_two_devices_are_refused():
     with pytest.raises(ValueError, match="one device"):
         alloc.update_and_allocate(0, params, None)
     assert alloc.last_step is None
+
+
+# ------------------------------------------------------------ loading a state: every hole refused
+
+
+def snapshot(alloc):
+    """Everything the allocator holds, copied: all state arrays (with dtypes) and the metadata."""
+    arrays, meta = alloc.state_dict()
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}, copy.deepcopy(meta)
+
+
+def assert_unchanged(alloc, snap):
+    arrays, meta = snapshot(alloc)
+    assert meta == snap[1]
+    assert arrays.keys() == snap[0].keys()
+    for k, v in snap[0].items():
+        assert arrays[k].dtype == v.dtype and np.array_equal(arrays[k], v, equal_nan=True), k
+
+
+def trained(seed, steps, shapes=SHAPES):
+    """An allocator past a mask step, with a skipped step and a missing gradient on record."""
+    def make_s(s):
+        rng = np.random.default_rng(s)
+        return {n: Triplet(rng.normal(size=(4, i)), rng.normal(size=(4, 1)), rng.normal(size=(o, 4)))
+                for n, (i, o) in shapes.items()}
+
+    alloc = RankAllocator(CFG, {n: 4 for n in shapes})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdaLoraWarning)
+        for step in range(steps):
+            grads = make_s(seed + step)
+            if step == 1:
+                grads["a"] = grads["a"]._replace(A=grads["a"].A * np.nan)
+            if step == 2:
+                grads["b"] = None
+            alloc.update_and_allocate(step, make_s(seed), grads)
+    return alloc
+
+
+def _mutate(case, arrays, meta):
+    arrays, meta = dict(arrays), {**meta}
+    if case == "A_shape":
+        arrays["ema_ipt.a.A"] = arrays["ema_ipt.a.A"][:, :3]
+    elif case == "B_shape":
+        arrays["ema_unc.b.B"] = arrays["ema_unc.b.B"][:1]  # (1, r) broadcasts against (out, r)
+    elif case == "nan":
+        arrays["ema_ipt.c.E"] = np.where(np.arange(4)[:, None] == 0, np.nan, arrays["ema_ipt.c.E"])
+    elif case == "inf":
+        arrays["ema_unc.a.B"] = arrays["ema_unc.a.B"] + np.inf
+    elif case == "int_ema":
+        arrays["ema_ipt.b.A"] = arrays["ema_ipt.b.A"].astype(np.int64)
+    elif case == "float32_ema":  # the weights are float64
+        arrays["ema_unc.b.E"] = arrays["ema_unc.b.E"].astype(np.float32)
+    elif case == "missing_module":
+        arrays = {k: v for k, v in arrays.items() if ".c." not in k and k != "mask.c"}
+    elif case == "missing_part":
+        del arrays["ema_unc.a.B"]
+    elif case == "missing_mask":
+        del arrays["mask.b"]
+    elif case == "mask_dtype":
+        arrays["mask.a"] = arrays["mask.a"].astype(np.float64)
+    elif case == "mask_shape":
+        arrays["mask.a"] = arrays["mask.a"][:3]
+    elif case == "unknown_array":
+        arrays["ema_ipt.zz.A"] = arrays["ema_ipt.a.A"]
+    elif case.startswith("no_"):
+        del meta[case[3:]]
+    else:
+        field, value = META_JUNK[case]
+        meta[field] = value(meta) if callable(value) else value
+    return arrays, meta
+
+
+META_JUNK = {
+    "last_step='7'": ("last_step", "7"), "last_step=-5": ("last_step", -5), "last_step=41": ("last_step", 41),
+    "last_step=7.0": ("last_step", 7.0), "budget='x'": ("budget", "x"), "budget=-1": ("budget", -1),
+    "budget=13": ("budget", 13), "budget=True": ("budget", True), "skipped_steps=1.5": ("skipped_steps", 1.5),
+    "skipped_steps=-1": ("skipped_steps", -1), "finalized='False'": ("finalized", "False"),
+    "finalized=1": ("finalized", 1), "missing_grads={'zz': 1}": ("missing_grads", {"zz": 1}),
+    "missing_grads={'a': -1}": ("missing_grads", {"a": -1}), "missing_grads=[1]": ("missing_grads", [1]),
+    "ranks={'a': 4}": ("ranks", {"a": 4}), "config='x'": ("config", "x"),
+    "config.tinit=6": ("config", lambda meta: {**meta["config"], "tinit": 6}),
+    "shapes=one_module": ("shapes", {"a": [6, 5]}),
+    "shapes=other_a": ("shapes", {"a": [7, 5], "b": [3, 7], "c": [8, 8]}), "shapes='x'": ("shapes", "x"),
+}
+HOLES = ["A_shape", "B_shape", "nan", "inf", "int_ema", "float32_ema", "missing_module", "missing_part",
+         "missing_mask", "mask_dtype", "mask_shape", "unknown_array", "no_budget", "no_last_step",
+         "no_skipped_steps", "no_finalized", "no_missing_grads", "no_config", "no_ranks", *META_JUNK]
+
+
+@pytest.mark.parametrize("case", HOLES)
+def test_a_bad_state_is_refused_and_changes_nothing(case):
+    arrays, meta = trained(0, 8).state_dict()
+    assert meta["last_step"] == 7 and meta["skipped_steps"] == 1 and "mask.a" in arrays  # a rich state
+    target = trained(100, 4)
+    snap = snapshot(target)
+    bad_arrays, bad_meta = _mutate(case, arrays, meta)
+    with pytest.raises(ValueError, match="allocator state"):
+        target.load_state_dict(bad_arrays, bad_meta)
+    assert_unchanged(target, snap)
+    target.update_and_allocate(4, make(0), make(1))  # the run goes on from where it was
+
+
+def test_every_problem_is_listed_at_once():
+    arrays, meta = trained(0, 8).state_dict()
+    arrays, meta = _mutate("nan", *_mutate("last_step='7'", *_mutate("no_budget", arrays, meta)))
+    with pytest.raises(ValueError) as info:
+        RankAllocator(CFG, {n: 4 for n in SHAPES}).load_state_dict(arrays, meta)
+    for part in ("'ema_ipt.c.E' has non-finite values", "last_step='7' must be an int", "missing field 'budget'"):
+        assert part in str(info.value)
+
+
+@pytest.mark.parametrize("steps", [0, 3, 8, 40])
+def test_a_valid_state_round_trips_exactly(steps):
+    source = trained(0, steps)
+    fresh = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    fresh.load_state_dict(*source.state_dict())
+    assert_unchanged(fresh, snapshot(source))
+
+
+def test_a_state_for_other_weights_is_refused():
+    other = {**SHAPES, "a": (7, 5)}
+    arrays, meta = trained(0, 8, other).state_dict()
+    assert meta["shapes"]["a"] == [7, 5]
+    target = trained(100, 4)  # knows its weights' shapes from its updates
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=r"\(7, 5\)"):
+        target.load_state_dict(arrays, meta)
+    assert_unchanged(target, snap)
+    fresh = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    with pytest.raises(ValueError, match="weights"):  # given the weights, a fresh allocator refuses it too
+        fresh.load_state_dict(arrays, meta, params=make(0))
+    fresh.load_state_dict(arrays, meta)  # without them it takes the state's shapes ...
+    with pytest.raises(ValueError, match=r"module 'a'.*\(7, 5\)"):  # ... and refuses the wrong weights
+        fresh.update_and_allocate(8, make(0), make(1))
+    assert fresh.last_step == 7
+
+
+def test_a_state_for_other_dtypes_is_refused():
+    arrays, meta = trained(0, 8).state_dict()
+    params32 = {n: Triplet(*(t.astype(np.float32) for t in p)) for n, p in make(0).items()}
+    fresh = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    with pytest.raises(ValueError, match="expected float32"):
+        fresh.load_state_dict(arrays, meta, params=params32)
+    fresh.load_state_dict(arrays, meta)
+    snap = snapshot(fresh)
+    grads32 = {n: Triplet(*(t.astype(np.float32) for t in g)) for n, g in make(1).items()}
+    with pytest.raises(ValueError, match="dtype float32.*EMA.*float64"):
+        fresh.update_and_allocate(8, params32, grads32)
+    assert_unchanged(fresh, snap)
+
+
+# ------------------------------------------------------------------ the shape of grads entries
+
+
+@pytest.mark.parametrize("case", ["pair", "single_array", "four", "string", "not_an_array", "float32_grad",
+                                  "params_pair"])
+def test_bad_grads_entries_are_refused_naming_the_module(case):
+    alloc = trained(0, 3)
+    snap = snapshot(alloc)
+    params, grads = make(0), make(1)
+    g = grads["b"]
+    grads["b"] = {"pair": (g.A, g.E), "single_array": g.A, "four": (*g, g.A), "string": "AEB",
+                  "not_an_array": (g.A, 3.0, g.B), "float32_grad": g._replace(A=g.A.astype(np.float32)),
+                  "params_pair": g}[case]
+    if case == "params_pair":
+        params["b"] = tuple(params["b"])[:2]
+    with pytest.raises(ValueError, match="'b'"):
+        alloc.update_and_allocate(3, params, grads)
+    assert_unchanged(alloc, snap)
+
+
+def test_grads_as_plain_sequences_equal_triplets():
+    a, b = trained(0, 3), trained(0, 3)
+    grads = make(1)
+    ea = a.update_and_allocate(6, make(0), grads)
+    eb = b.update_and_allocate(6, make(0), {n: list(g) for n, g in grads.items()})
+    assert_unchanged(b, snapshot(a))
+    for n in SHAPES:
+        np.testing.assert_array_equal(ea[n], eb[n])
