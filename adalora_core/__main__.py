@@ -10,13 +10,14 @@ from typing import Any
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from . import demo, plot
 
     print(f"AdaLoRA planted-rank demo on backend {args.backend or 'default'}: {len(demo.PLANTED)} layers, "
           f"init_r 8 -> target_r 4, {args.steps} steps")
     res = demo.run(backend=args.backend, steps=args.steps, seed=args.seed)
+    cfg = res.config
     print()
-    print(demo.text_heatmap(res.history, 8))
+    print(plot.text_heatmap(res.history, cfg.init_r, total_steps=args.steps, marks=plot.phases(cfg)))
     print()
     print("layer    " + " ".join(f"{i:>3d}" for i in range(len(res.planted))))
     print("planted  " + " ".join(f"{k:>3d}" for k in res.planted))
@@ -24,12 +25,12 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"Spearman rank correlation (final vs planted): {res.spearman:.3f}")
     print(f"loss {res.loss_start:.4f} -> {res.loss_end:.4f} in {res.seconds:.1f} s")
     if args.plot:
-        try:
-            demo.plot_heatmap(res.history, res.planted, args.plot)
-            print(f"heatmap written to {args.plot}")
-        except ImportError:
-            print("matplotlib is not installed (pip install 'adalora-core[plot]'): "
-                  "the text heatmap above is all there is", file=sys.stderr)
+        labels = [f"layer {i} (planted {k})" for i, k in enumerate(res.planted)]
+        fig = plot.allocation_figure(res.history, total_steps=args.steps, init_r=cfg.init_r, labels=labels,
+                                     planted=res.planted, schedule=plot.scheduled_budget(cfg, len(res.planted)),
+                                     marks=plot.phases(cfg), title="AdaLoRA demo: kept triplets per layer")
+        plot.save(fig, args.plot)
+        print(f"figure written to {args.plot}")
     return 0
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="numpy", help="numpy (default), array_api_strict, torch, ...")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--plot", metavar="FILE", help="write a PNG heatmap of kept triplets per layer")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of the kept triplets per layer and the budget over steps (needs matplotlib)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("info", help="versions, backends, devices, native build")
     p.set_defaults(func=_info)
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "steps", 10) < 10:
         parser.error(f"--steps={args.steps} is too small: use at least 10")
+    if getattr(args, "plot", None):
+        from . import plot
+
+        try:  # before the run, not after it
+            plot.require()
+        except ImportError as exc:
+            parser.error(f"--plot: {exc}")
     return int(args.func(args))
 
 

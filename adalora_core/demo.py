@@ -36,8 +36,9 @@ class DemoResult:
     spearman: float
     loss_start: float
     loss_end: float
-    history: list[tuple[int, list[int]]]  # (step, kept triplets per layer) at every mask step
+    history: list[tuple[int, list[int]]]  # (step, kept triplets per layer): every deltaT steps, every step from T_f
     seconds: float
+    config: AdaLoraConfig
 
 
 PLANTED = (1, 2, 2, 3, 4, 5, 7, 8)  # mean 4 = target_r, spread 1..init_r
@@ -147,45 +148,10 @@ def run(
         for n in names:
             params[f"{n}.E"] = new_E[n]
         ranks = list(alloc.current_ranks().values())
-        if alloc.masks and (step % cfg.deltaT == 0 or step >= cfg.final_step):
+        if step % cfg.deltaT == 0 or step >= cfg.final_step:  # from step 0: the warm-up is part of the picture
             history.append((step, ranks))
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"step {step:4d}  loss {loss:9.5f}  budget {alloc.budget:3d}  ranks {ranks}")
     final = list(alloc.current_ranks().values())
     return DemoResult(planted, final, spearman(planted, final), loss_start, loss, history,
-                      time.perf_counter() - t0)
-
-
-def text_heatmap(history: Sequence[tuple[int, Sequence[int]]], init_r: int, width: int = 60) -> str:
-    """Kept triplets per layer (rows) over training (columns) as shaded characters."""
-    if not history:
-        return "(no mask step yet)"
-    shades = " .:-=+*#%@"
-    stride = max(1, len(history) // width)
-    cols = history[::stride]
-    rows = []
-    for layer in range(len(cols[0][1])):
-        cells = "".join(shades[min(9, round(r[layer] / init_r * 9))] for _, r in cols)
-        rows.append(f"layer {layer} |{cells}| {cols[-1][1][layer]}")
-    rows.append(f"steps {cols[0][0]}..{cols[-1][0]}; shade: 0 '{shades[0]}' .. {init_r} '{shades[-1]}'")
-    return "\n".join(rows)
-
-
-def plot_heatmap(history: Sequence[tuple[int, Sequence[int]]], planted: Sequence[int], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [s for s, _ in history]
-    grid = [[r[layer] for _, r in history] for layer in range(len(planted))]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
-                   extent=(steps[0], steps[-1], len(planted) - 0.5, -0.5))
-    ax.set_yticks(range(len(planted)), [f"layer {i} (planted {k})" for i, k in enumerate(planted)])
-    ax.set_xlabel("optimizer step")
-    ax.set_title("AdaLoRA: kept triplets per layer")
-    fig.colorbar(im, ax=ax, label="rank")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                      time.perf_counter() - t0, cfg)
