@@ -1,0 +1,203 @@
+"""Loads: non-object JSON, bfloat16 adapters (PEFT's bf16 training), and huge files refused before they are read."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from safetensors.numpy import save as st_save
+from test_checkpoint import CFG, PATTERN, weights
+
+from adalora_core import CheckpointError, load_adapter, load_arrays, save_adapter
+from adalora_core.checkpoint import CONFIG_NAME, META_KEY, PREFIX, WEIGHTS_NAME
+
+# ------------------------------------------------------------------ JSON that is not an object
+
+
+@pytest.mark.parametrize("doc", ["[1, 2]", "3", '"text"', "null"])
+def test_adapter_config_that_is_not_an_object(tmp_path, doc):
+    save_adapter(tmp_path, CFG, weights(), PATTERN)
+    (tmp_path / CONFIG_NAME).write_text(doc)
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_NAME}.*must be a JSON object"):
+        load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("doc", ["[1, 2]", "3", "null"])
+def test_save_arrays_metadata_that_is_not_an_object(tmp_path, doc):
+    f = tmp_path / "s.safetensors"
+    f.write_bytes(st_save({"x": np.ones(2, np.float32)}, metadata={META_KEY: doc}))
+    with pytest.raises(CheckpointError, match=r"s\.safetensors.*must be a JSON object"):
+        load_arrays(f)
+
+
+def test_training_state_metadata_that_is_not_an_object_changes_nothing(tmp_path):
+    torch = pytest.importorskip("torch")
+    from adalora_core.backends.torch_nn import _parity as P
+
+    om = P.ours(P.build("mlp"), **P.config_kwargs("mlp"))
+    om.save_training_state(tmp_path / "state.safetensors")
+    tensors, _ = om.training_state_dict()
+    host = {k: v.numpy() for k, v in tensors.items()}
+    (tmp_path / "state.safetensors").write_bytes(st_save(host, metadata={META_KEY: "[1]"}))
+    before = {k: v.clone() for k, v in om.state_dict().items()}
+    with pytest.raises(CheckpointError, match="must be a JSON object"):
+        om.load_training_state(tmp_path / "state.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in om.state_dict().items())
+
+
+# ------------------------------------------------------------------ bfloat16
+
+
+def _bf16_dir(path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    save_adapter(path, CFG, weights(), PATTERN)
+    with open(path / WEIGHTS_NAME, "rb") as fh:
+        from safetensors.numpy import load
+
+        host = load(fh.read())
+    tensors = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in host.items()}
+    save_file(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
+    return tensors
+
+
+def test_bf16_adapter_loads_exactly_as_float32(tmp_path):
+    tensors = _bf16_dir(tmp_path)
+    cfg, loaded = load_adapter(tmp_path)
+    assert cfg.rank_pattern == PATTERN
+    for name, trip in loaded.items():
+        for part, a in zip(("lora_A", "lora_E", "lora_B"), trip):
+            assert a.dtype == np.float32
+            np.testing.assert_array_equal(a, tensors[f"{PREFIX}{name}.{part}"].float().numpy())
+
+
+def test_bf16_without_torch_names_what_to_install(tmp_path):
+    _bf16_dir(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        from adalora_core import load_adapter, CheckpointError
+        try:
+            load_adapter({str(tmp_path)!r})
+        except CheckpointError as exc:
+            print("refused:", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert "refused:" in out.stdout, out.stderr
+    assert "bfloat16" in out.stdout and "pip install torch" in out.stdout
+
+
+@pytest.mark.usefixtures("torch_one_thread", "quiet")
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_bf16_peft_adapter_gives_peft_outputs(tmp_path, base_dtype):
+    """PEFT saves bf16 adapters for bf16 training; ours loads them with PEFT's exact outputs."""
+    import copy
+
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from adalora_core.backends.torch_nn import AdaLoraModel
+    from adalora_core.backends.torch_nn import _parity as P
+    from safetensors import safe_open
+
+    cfg = P.config_kwargs("gpt2", init_r=4, target_r=1, tinit=2, tfinal=4, deltaT=2, total_step=20, lora_alpha=8)
+    base = P.build("gpt2")
+    pm = P.peft(base, **cfg)
+    P.trajectory(pm, "gpt2", 21, lr=3e-2)
+    with torch.no_grad():  # the adapter as bf16 training leaves it
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(torch.bfloat16)
+    pm.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["rank_pattern"]
+    dtype = getattr(torch, base_dtype)
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(dtype), str(tmp_path))
+    ours = AdaLoraModel.from_pretrained(copy.deepcopy(base).to(dtype), tmp_path)
+    with torch.no_grad():
+        x = P.inputs("gpt2", 123)
+        want = ref.base_model.model(**x).logits
+        got = ours(**x).logits
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ huge or lying files
+
+
+def _raw(path, header: dict, data_len: int) -> None:
+    """A safetensors file with this header and ``data_len`` bytes of data, sparse (nothing written)."""
+    h = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(h)) + h)
+        fh.truncate(8 + len(h) + data_len)
+
+
+GIB3 = 3 * 2**30
+
+
+def _peak_rss_of_load(call: str, path) -> tuple[str, int]:
+    """Run ``call`` (``PATH`` stands for ``path``) in a fresh process: (its outcome, its peak RSS growth in bytes)."""
+    script = textwrap.dedent(f"""
+        import resource, time
+        from adalora_core import load_adapter, load_arrays, CheckpointError
+        PATH = {str(path)!r}
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        try:
+            {call}
+            print("loaded")
+        except CheckpointError as exc:
+            print("refused:", exc)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, time.perf_counter() - t)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stderr
+    rss, secs = lines[1].split()
+    assert float(secs) < 5
+    return lines[0], int(rss)
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
+    f = tmp_path / "big.safetensors"
+    n = GIB3 // 4
+    _raw(f, {"__metadata__": {META_KEY: "{}"}, "x": {"dtype": "F32", "shape": [n], "data_offsets": [0, n * 4]}},
+         n * 4)
+    assert f.stat().st_size > GIB3
+    msg, rss = _peak_rss_of_load("load_arrays(PATH, {'x': ((2, 3), 'float32')})", f)
+    assert "refused:" in msg and f"shape ({n},), expected (2, 3)" in msg
+    assert rss < 200 * 2**20, f"peak RSS grew by {rss / 2**20:.0f} MiB"
+
+
+def test_a_huge_adapter_is_refused_before_it_is_read(tmp_path):
+    save_adapter(tmp_path, CFG, weights(), PATTERN)
+    n = GIB3 // 4 // 2
+    key = f"{PREFIX}layers.0.q.lora_A"
+    _raw(tmp_path / WEIGHTS_NAME, {key: {"dtype": "F32", "shape": [2, n], "data_offsets": [0, 8 * n]}}, 8 * n)
+    msg, rss = _peak_rss_of_load("load_adapter(PATH, shapes={'layers.0.q': (5, 3), 'layers.1.v': (6, 2)})", tmp_path)
+    assert "refused:" in msg and f"shape (2, {n}), expected (2, 5)" in msg
+    assert rss < 200 * 2**20, f"peak RSS grew by {rss / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("claim", [GIB3, 16, 10])
+def test_a_header_that_does_not_cover_the_file_is_refused(tmp_path, claim):
+    f = tmp_path / "lie.safetensors"
+    _raw(f, {"__metadata__": {META_KEY: "{}"}, "x": {"dtype": "F32", "shape": [claim // 4],
+                                                    "data_offsets": [0, claim // 4 * 4]}}, 12)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_arrays(f)
+
+
+def test_an_unreadable_dtype_is_refused(tmp_path):
+    f = tmp_path / "f8.safetensors"
+    _raw(f, {"__metadata__": {META_KEY: "{}"}, "x": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, 4)
+    with pytest.raises(CheckpointError, match="F8_E4M3, which this library cannot read"):
+        load_arrays(f)
