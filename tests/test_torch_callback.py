@@ -156,3 +156,15 @@ def test_trainer_checkpoint_resume_is_exact(tmp_path):
     for a, b in zip(full.trainable_parameters(), resumed.trainable_parameters()):
         assert torch.equal(a, b)
     assert full.rank_pattern == resumed.rank_pattern
+
+
+def test_save_model_keeps_the_runs_checkpoints(tmp_path):
+    """``trainer.save_model()`` into output_dir writes the adapter beside checkpoint-*/, never over them."""
+    kw = {"save_strategy": "steps", "save_steps": 2, "gradient_accumulation_steps": 1}
+    trainer = AdaLoraTrainer(model=model(), args=args(tmp_path, **kw), train_dataset=Ids())
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    before = {p: p.read_bytes() for p in tmp_path.glob("checkpoint-*/**/*") if p.is_file()}
+    trainer.save_model()
+    assert {p: p.read_bytes() for p in tmp_path.glob("checkpoint-*/**/*") if p.is_file()} == before
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
