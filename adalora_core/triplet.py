@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._xp import Array, namespace
+from .config import check_float
 
 EPS = 1e-5  # PEFT adds it to ranknum
 
@@ -52,8 +53,33 @@ def check_shapes(A: Array, E: Array, B: Array, x: Array | None = None) -> None:
     if x is not None and (x.ndim < 1 or x.shape[-1] != A.shape[1]):
         raise ValueError(f"input has last dimension {x.shape[-1] if x.ndim else None}, expected in={A.shape[1]}")
     if not (A.dtype == E.dtype == B.dtype) or (x is not None and x.dtype != A.dtype):
-        dts = [str(t.dtype) for t in (A, E, B)] + ([str(x.dtype)] if x is not None else [])
-        raise ValueError(f"dtypes differ: {dts}; cast the inputs to one floating dtype")
+        named = {"A": A, "E": E, "B": B, **({"x": x} if x is not None else {})}
+        dts = ", ".join(f"{k} {a.dtype}" for k, a in named.items())
+        raise ValueError(f"dtypes differ ({dts}); cast the inputs to one floating dtype")
+
+
+def check_args(xp: Any, A: Array, E: Array, B: Array, scaling: float, ranknum: float | Array,
+               x: Array | None = None) -> None:
+    """Every function here checks its arguments with this, before computing.
+
+    Shapes and one shared real floating dtype (an integer array would
+    truncate the result), a finite ``scaling``, and ``ranknum`` a finite
+    number > 0 (used as given, never rounded) or a real floating ``(1,)``
+    array (as PEFT holds it; its value is not read: no device sync).
+    Cheap: shapes, dtypes and Python numbers only.
+    """
+    check_shapes(A, E, B, x)
+    if not xp.isdtype(A.dtype, "real floating"):
+        raise TypeError(f"A, E, B{' and x' if x is not None else ''} have dtype {A.dtype}: they must be "
+                        "real floating (integer arrays would truncate the result)")
+    check_float("scaling", scaling)
+    if hasattr(ranknum, "dtype"):
+        floating = ranknum.dtype == A.dtype or xp.isdtype(ranknum.dtype, "real floating")
+        if not floating or tuple(ranknum.shape) not in ((), (1,)):
+            raise TypeError(f"ranknum must be a number > 0 or a real floating (1,) array, got an array of "
+                            f"shape {tuple(ranknum.shape)} and dtype {ranknum.dtype}")
+    else:
+        check_float("ranknum", ranknum, 0.0, low_open=True)
 
 
 def forward(x: Array, A: Array, E: Array, B: Array, scaling: float, ranknum: float | Array) -> Array:
@@ -63,7 +89,7 @@ def forward(x: Array, A: Array, E: Array, B: Array, scaling: float, ranknum: flo
     base layer's output in the base output's dtype.
     """
     xp = namespace(x, A, E, B)
-    check_shapes(A, E, B, x)
+    check_args(xp, A, E, B, scaling, ranknum, x)
     return ((x @ (A * E).T) @ B.T) * scaling / (_ranknum(xp, ranknum, A) + EPS)
 
 
@@ -75,9 +101,11 @@ def backward(
     Batch dimensions of ``x``/``grad_out`` are summed into the weight gradients.
     """
     xp = namespace(grad_out, x, A, E, B)
-    check_shapes(A, E, B, x)
+    check_args(xp, A, E, B, scaling, ranknum, x)
     if grad_out.shape != (*x.shape[:-1], B.shape[0]):
         raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected {(*x.shape[:-1], B.shape[0])}")
+    if grad_out.dtype != x.dtype:
+        raise ValueError(f"grad_out has dtype {grad_out.dtype}, x has {x.dtype}; cast it first")
     c = scaling / (_ranknum(xp, ranknum, A) + EPS)
     AE = A * E
     x2 = xp.reshape(x, (-1, x.shape[-1]))
@@ -97,7 +125,7 @@ def delta_weight(
 ) -> Array:
     """``ΔW`` in the base weight's layout: ``(out, in)``, or ``(in, out)`` with ``fan_in_fan_out`` (GPT-2 Conv1D)."""
     xp = namespace(A, E, B)
-    check_shapes(A, E, B)
+    check_args(xp, A, E, B, scaling, ranknum)
     w = B @ (A * E)
     if fan_in_fan_out:
         w = w.T
@@ -106,7 +134,8 @@ def delta_weight(
 
 def merge(W: Array, A: Array, E: Array, B: Array, scaling: float, ranknum: float | Array,
           fan_in_fan_out: bool = False) -> Array:
-    """``W + ΔW``; raises if the result would hold non-finite values (PEFT's ``safe_merge``)."""
+    """``W + ΔW``; raises if the result would hold non-finite values (PEFT's ``safe_merge``).
+    ``W`` must be real floating (an integer weight would truncate ``ΔW``), of any width."""
     return _combine(W, delta_weight(A, E, B, scaling, ranknum, fan_in_fan_out), +1)
 
 
@@ -118,6 +147,8 @@ def unmerge(W: Array, A: Array, E: Array, B: Array, scaling: float, ranknum: flo
 
 def _combine(W: Array, delta: Array, sign: int) -> Array:
     xp = namespace(W, delta)
+    if not xp.isdtype(W.dtype, "real floating"):
+        raise TypeError(f"the weight W has dtype {W.dtype}: it must be real floating (ΔW would be truncated)")
     if W.shape != delta.shape:
         raise ValueError(f"weight has shape {tuple(W.shape)} but the adapter's ΔW is {tuple(delta.shape)}"
                          " (check fan_in_fan_out)")

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from adalora_core.conformance import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adalora_core import orth, triplet
 from adalora_core._xp import device, namespace
-from adalora_core.conformance import reference as ref
 
 
 def _inputs(seed=0, r=3, n_in=5, n_out=4, batch=(2,)):
@@ -127,3 +127,68 @@ def test_orth_value_and_gradient(backend):
         np.testing.assert_allclose(backend.to_numpy(gb), rb, atol=1e-12)
     with pytest.raises(ValueError, match="at least one"):
         orth.orth_reg([])
+
+
+def _call(fn, x, A, E, B, scaling, ranknum, W=None):
+    """Call the triplet function ``fn`` with the arguments it takes."""
+    if fn == "forward":
+        return triplet.forward(x, A, E, B, scaling, ranknum)
+    if fn == "backward":  # any grad_out of the output's shape and dtype
+        return triplet.backward((x @ A.T) @ B.T, x, A, E, B, scaling, ranknum)
+    if fn == "delta_weight":
+        return triplet.delta_weight(A, E, B, scaling, ranknum)
+    return getattr(triplet, fn)(B @ A if W is None else W, A, E, B, scaling, ranknum)
+
+
+FNS = ["forward", "backward", "delta_weight", "merge", "unmerge"]
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_integer_arrays_are_refused(backend, fn):
+    """Integer arrays would truncate the result (ranknum 0.5 into 0: a 5e4x wrong output)."""
+    x, A, E, B = (backend.asarray(np.round(a * 3), dtype="int64") for a in _inputs())
+    with pytest.raises(TypeError, match="int64: they must be real floating"):
+        _call(fn, x, A, E, B, 8.0, 0.5)
+
+
+@pytest.mark.parametrize("fn", ["merge", "unmerge"])
+def test_integer_weight_is_refused(backend, fn):
+    _, A, E, B = (backend.asarray(a, dtype="float32") for a in _inputs())
+    W = backend.asarray(np.zeros((4, 5)), dtype="int32")
+    with pytest.raises(TypeError, match="weight W has dtype .*int32"):
+        _call(fn, None, A, E, B, 8.0, 3.0, W)
+
+
+def test_integer_input_with_float_weights_is_named():
+    x, A, E, B = _inputs()
+    with pytest.raises(ValueError, match="x int64"):
+        triplet.forward(np.round(x).astype(np.int64), A, E, B, 8.0, 3.0)
+    with pytest.raises(ValueError, match="grad_out has dtype int64"):
+        triplet.backward(np.ones((2, 4), dtype=np.int64), x, A, E, B, 8.0, 3.0)
+
+
+@pytest.mark.parametrize("fn", FNS)
+@pytest.mark.parametrize(("name", "scaling", "ranknum"), [
+    ("ranknum", 8.0, 0), ("ranknum", 8.0, -3.0), ("ranknum", 8.0, float("nan")), ("ranknum", 8.0, float("inf")),
+    ("ranknum", 8.0, True), ("ranknum", 8.0, "3"), ("scaling", float("nan"), 3.0), ("scaling", float("inf"), 3.0),
+    ("scaling", True, 3.0), ("scaling", None, 3.0),
+])
+def test_bad_scaling_and_ranknum_are_refused(fn, name, scaling, ranknum):
+    x, A, E, B = _inputs()
+    with pytest.raises(ValueError, match=f"^{name}="):
+        _call(fn, x, A, E, B, scaling, ranknum)
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_bad_ranknum_arrays_are_refused(backend, fn):
+    x, A, E, B = (backend.asarray(a, dtype="float32") for a in _inputs())
+    for bad in (backend.asarray([3], dtype="int64"), backend.asarray([3.0, 3.0], dtype="float32")):
+        with pytest.raises(TypeError, match="ranknum must be"):
+            _call(fn, x, A, E, B, 8.0, bad)
+
+
+def test_fractional_ranknum_is_used_as_given(backend):
+    host = _inputs()
+    x, A, E, B = (backend.asarray(a, dtype="float64") for a in host)
+    got = backend.to_numpy(triplet.forward(x, A, E, B, 8.0, 0.5))
+    np.testing.assert_allclose(got, ref.triplet_forward(*host, 8.0, 0.5), rtol=1e-12, atol=1e-12)
