@@ -412,3 +412,103 @@ def test_pickle_round_trip(tmp_path):
     assert back.rank_pattern == om.rank_pattern
     _run(back, torch.optim.AdamW(back.trainable_parameters(), lr=1e-2), 5, 7)  # the allocator still works
     assert back.allocator.last_step == 6
+
+
+# ----------------------------------------------- refused loads and re-wrapping change nothing
+
+
+def test_wrapping_the_same_base_again_is_refused():
+    base = mlp()
+    om = wrap(base)
+    opt = torch.optim.SGD(om.trainable_parameters(), lr=0.1)
+    _run(om, opt, 0, 3)
+    snap, grads = snapshot(base), [p.requires_grad for p in base.parameters()]
+    with pytest.raises(ValueError, match='already holds adapter "default".*add_adapter'):
+        wrap(base)  # a notebook cell run twice
+    with pytest.raises(ValueError, match='already holds adapter "default"'):
+        get_adalora_model(base, ac.AdaLoraConfig(**CFG, target_modules=["fc_in"]))  # other targets, same name
+    assert unchanged(base, snap) and [p.requires_grad for p in base.parameters()] == grads
+    _run(om, opt, 3, 4)  # the first wrapper trains on
+    assert om.allocator.last_step == 3
+
+
+def model_snapshot(om):
+    """The module's tensors, the allocator's full state and the kept indices, copied."""
+    arrays, meta = om.allocator.state_dict()
+    return (snapshot(om), {k: v.clone() for k, v in arrays.items()}, copy.deepcopy(meta),
+            copy.deepcopy(om._kept_index))
+
+
+def model_unchanged(om, snap):
+    arrays, meta = om.allocator.state_dict()
+    return (unchanged(om, snap[0]) and arrays.keys() == snap[1].keys()
+            and all(arrays[k].dtype == v.dtype and torch.equal(arrays[k], v) for k, v in snap[1].items())
+            and meta == snap[2] and om._kept_index == snap[3])
+
+
+def _bad_training_state(case, tensors, meta):
+    tensors, meta = dict(tensors), copy.deepcopy(meta)
+    alloc, up = meta["allocator"], "blocks.0.up"
+    if case == "last_step='7'":
+        alloc["last_step"] = "7"
+    elif case == "last_step=-5":
+        alloc["last_step"] = -5
+    elif case == "no_budget":
+        del alloc["budget"]
+    elif case == "budget='x'":  # with a valid last_step=7: the old code moved to step 7, then failed
+        alloc["budget"] = "x"
+    elif case == "skipped_steps=None":
+        alloc["skipped_steps"] = None
+    elif case == "nan_ema":
+        tensors[f"allocator.ema_unc.{up}.E"] = tensors[f"allocator.ema_unc.{up}.E"] * float("nan")
+    elif case == "A_ema_shape":
+        tensors[f"allocator.ema_ipt.{up}.A"] = tensors[f"allocator.ema_ipt.{up}.A"][:, :1]
+    elif case == "ema_float64":
+        tensors[f"allocator.ema_ipt.{up}.B"] = tensors[f"allocator.ema_ipt.{up}.B"].double()
+    elif case == "missing_module":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("allocator.") or f".{up}." not in k}
+    elif case == "weights_float64":
+        tensors[f"weights.{up}.lora_A"] = tensors[f"weights.{up}.lora_A"].double()
+    elif case == "weights_not_a_tensor":
+        tensors[f"weights.{up}.lora_A"] = tensors[f"weights.{up}.lora_A"].numpy()
+    elif case == "kept_index_junk":
+        meta["kept_index"] = {up: "x"}
+    elif case == "kept_index_out_of_range":
+        meta["kept_index"] = {up: [0, 1, 2, 9]}
+    elif case == "version=2":
+        meta["version"] = 2
+    elif case == "adapter_name=3":
+        meta["adapter_name"] = 3
+    elif case == "meta_is_a_list":
+        meta = [meta]
+    elif case == "allocator_is_a_list":
+        meta["allocator"] = [alloc]
+    return tensors, meta
+
+
+@pytest.mark.parametrize("case", ["last_step='7'", "last_step=-5", "no_budget", "budget='x'", "skipped_steps=None",
+                                  "nan_ema", "A_ema_shape", "ema_float64", "missing_module", "weights_float64",
+                                  "weights_not_a_tensor", "kept_index_junk", "kept_index_out_of_range",
+                                  "version=2", "adapter_name=3", "meta_is_a_list", "allocator_is_a_list"])
+def test_a_refused_training_state_changes_nothing(case):
+    src = wrap()
+    _run(src, torch.optim.SGD(src.trainable_parameters(), lr=0.1), 0, 8)
+    tensors, meta = src.training_state_dict()
+    om = wrap()
+    opt = torch.optim.SGD(om.trainable_parameters(), lr=0.1)
+    _run(om, opt, 0, 3)
+    snap = model_snapshot(om)
+    with pytest.raises(CheckpointError, match="training state"):
+        om.load_training_state_dict(*_bad_training_state(case, tensors, meta))
+    assert model_unchanged(om, snap)
+    _run(om, opt, 3, 4)  # not moved to another step: step 3 still follows step 2
+
+
+def test_bf16_base_trains_with_float32_adapter_gradients():
+    om = get_adalora_model(P.build("mlp", torch.bfloat16),
+                           ac.AdaLoraConfig(**CFG, target_modules=["up"], init_lora_weights=False))
+    out = om(**P.inputs("mlp", 0, torch.bfloat16))
+    out.loss.float().backward()
+    om.update_and_allocate(0)
+    ema = om.allocator.ema_ipt["blocks.0.up"]
+    assert all(t.dtype == torch.float32 and bool(t.abs().sum() > 0) for t in ema)

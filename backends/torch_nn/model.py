@@ -39,9 +39,9 @@ from adalora_core.checkpoint import (
     save_arrays,
 )
 from adalora_core.config import AdaLoraConfig
-from adalora_core.errors import CheckpointError
 from adalora_core.orth import orth_reg
 from adalora_core.triplet import Triplet
+from adalora_core.validate import Problems
 
 from .layer import SVDLayer, check_supported, layer_kind, wrap
 from .targets import find_targets, get_submodule_parent
@@ -171,6 +171,11 @@ class AdaLoraModel(nn.Module):
             raise ValueError(f"bias={config.bias!r} is not supported: PEFT's AdaLoRA checkpoints hold no bias "
                              "tensors; use bias='none'")
         existing = self.svd_layers()
+        held = [k for k, m in existing.items() if adapter_name in m.lora_A]
+        if held:  # another wrapper of this model owns it: re-initialising it would lose its training
+            raise ValueError(f'the model already holds adapter "{adapter_name}" (in {held[:3]}); wrapping it '
+                             "again would re-initialise the trained weights: keep using the AdaLoraModel that "
+                             "holds it, or add a second adapter with add_adapter(<another name>, config)")
         names = find_targets(self.model, config, skip_inside=existing)
         modules = {k: self.model.get_submodule(k) for k in names}
         for k, m in modules.items():
@@ -477,43 +482,56 @@ class AdaLoraModel(nn.Module):
                          "kept_index": self._kept_index.get(name, {})}
 
     def load_training_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """Restore :meth:`training_state_dict` output; everything is checked before anything changes."""
+        """Restore :meth:`training_state_dict` output; everything is checked before anything changes.
+
+        A refused state raises one :class:`~adalora_core.errors.CheckpointError` listing every problem
+        (its weights, its metadata and its allocator part, checked by the
+        allocator against these weights) and leaves the weights, the allocator
+        and its step exactly as they were.
+        """
         self._check_loaded()
         name = self._require_trainable()
         assert self.allocator is not None
-        if meta.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"not a training state of this library (format={meta.get('format')!r})")
-        layers = self._adapter_layers(name)
-        weights, alloc = {}, {}
+        p = Problems("training state")
+        meta = p.mapping(meta, "its metadata")
+        p.require(meta.get("format") == STATE_FORMAT,
+                  f"not a training state of this library (format={meta.get('format')!r})")
+        version = meta.get("version")
+        p.require(type(version) is int and version == 1, f"version={version!r} is not one this library reads (1)")
+        p.require(isinstance(meta.get("adapter_name"), str),
+                  f"adapter_name={meta.get('adapter_name')!r} must be a string")
+        if not isinstance(tensors, Mapping):
+            p.add(f"its tensors must be a mapping of name to tensor, got {type(tensors).__name__}")
+            tensors = {}
+        parts: dict[str, dict[str, torch.Tensor]] = {"weights": {}, "allocator": {}}
         for key, t in tensors.items():
-            kind, _, rest = key.partition(".")
-            if kind == "allocator":
-                alloc[rest] = t
-            elif kind == "weights":
-                weights[rest] = t
-            else:
-                raise CheckpointError(f"training state has an unexpected entry {key!r}")
+            kind, _, rest = str(key).partition(".")
+            if p.require(kind in parts, f"unexpected entry {key!r}") and \
+                    p.require(isinstance(t, torch.Tensor), f"{key!r} is not a torch tensor ({type(t).__name__})"):
+                parts[kind][rest] = t
+        layers = self._adapter_layers(name)
         expect = {f"{path}.{attr}": getattr(layer, attr)[name] for path, layer in layers.items() for attr, _ in PARTS}
-        problems = []
-        if set(weights) != set(expect):
-            problems.append(f"weights for modules {sorted(set(weights) ^ set(expect))[:6]} do not match the model")
+        weights = parts["weights"]
+        p.require(set(weights) == set(expect), f"weights for modules {sorted(set(weights) ^ set(expect))[:6]} "
+                                               "do not fit this model")
         for k in sorted(set(weights) & set(expect)):
-            if tuple(weights[k].shape) != tuple(expect[k].shape):
-                problems.append(f"{k} has shape {tuple(weights[k].shape)}, the model {tuple(expect[k].shape)}")
-            elif not bool(torch.isfinite(weights[k]).all()):
-                problems.append(f"{k} has non-finite values")
-        if problems:
-            raise CheckpointError("training state does not fit this model: " + "; ".join(problems))
+            p.array(f"weights.{k}", weights[k], tuple(expect[k].shape), dtype=expect[k].dtype)
+        kept = _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
         device = next(iter(expect.values())).device
-        alloc = {k: v.to(device) for k, v in alloc.items()}
+        staged = None
         try:
-            self.allocator.load_state_dict(alloc, meta["allocator"])  # validated before it changes anything
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"training state's allocator part does not fit this model: {exc}") from exc
+            staged = self.allocator._validate_state({k: v.to(device) for k, v in parts["allocator"].items()},
+                                                    meta.get("allocator"), params=self._triplets(name))
+        except ValueError as exc:
+            p.add(f"its allocator part does not fit this model: {exc}")
+        p.raise_if_any()
+        assert staged is not None
+        # ---- validated: from here on only assignments and same-shape, same-dtype copies
+        self.allocator._commit(staged)
         with torch.no_grad():
             for k, t in weights.items():
                 expect[k].copy_(t)
-        self._kept_index[name] = {k: list(v) for k, v in meta.get("kept_index", {}).items()}
+        self._kept_index[name] = kept
 
     def save_training_state(self, path: str | os.PathLike[str]) -> None:
         """:meth:`training_state_dict` to one safetensors file (atomic write)."""
@@ -541,6 +559,27 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     if probe == "conv2d":
         return int(module.in_channels * module.kernel_size[0] * module.kernel_size[1]), int(module.out_channels)
     return int(w.shape[1]), int(w.shape[0])
+
+
+def _check_kept_index(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, tuple[int, int]]
+                      ) -> dict[str, list[int]]:
+    """``kept_index``: for modules loaded at a pruned rank, the ``r`` increasing indices they keep of ``init_r``.
+
+    ``ranks`` maps each adapted module to its ``(r, init_r)``.
+    """
+    if not p.require("kept_index" in meta, "missing field 'kept_index'"):
+        return {}
+    out = {}
+    for path, idx in p.mapping(meta["kept_index"], "kept_index").items():
+        if not p.require(path in ranks, f"kept_index names {path!r}, which is not an adapted module"):
+            continue
+        r, init_r = ranks[path]
+        ok = (isinstance(idx, (list, tuple)) and len(idx) == r and all(type(i) is int for i in idx)
+              and list(idx) == sorted(set(idx)) and all(0 <= i < init_r for i in idx))
+        if p.require(ok, f"kept_index[{path!r}]={idx!r} must list the {r} increasing indices in [0, {init_r}) "
+                         "that module keeps"):
+            out[path] = list(idx)
+    return out
 
 
 def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
