@@ -437,6 +437,8 @@ class AdaLoraModel(nn.Module):
 
         Pruned triplets are sliced away by the rank pattern; the directory
         loads with :meth:`from_pretrained` and with PEFT's ``PeftModel.from_pretrained``.
+        Only those two files are written (each atomically); everything else in
+        ``path`` (a Trainer's ``checkpoint-*/``) is left as it is.
         """
         self._check_loaded()
         name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
