@@ -120,7 +120,7 @@ def test_bf16_peft_adapter_gives_peft_outputs(tmp_path, base_dtype):
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["rank_pattern"]
     dtype = getattr(torch, base_dtype)
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(dtype), str(tmp_path))
-    ours = AdaLoraModel.from_pretrained(copy.deepcopy(base).to(dtype), tmp_path)
+    ours = AdaLoraModel.from_pretrained(copy.deepcopy(base).to(dtype), tmp_path, exact_peft=True)
     with torch.no_grad():
         x = P.inputs("gpt2", 123)
         want = ref.base_model.model(**x).logits
