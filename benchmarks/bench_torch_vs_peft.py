@@ -14,7 +14,7 @@ step by step so drift hits both alike:
   step is a masking step (``deltaT=1``, budgeting phase), the allocator's
   most expensive case;
 * **allocator**: ``update_and_allocate(step)`` alone, on fixed gradients;
-* **forward**: inference forward under ``no_grad`` (ours also with ``fast_forward``).
+* **forward**: inference forward under ``no_grad`` (ours also on its default path; ``ours`` is ``exact_peft=True``).
 
 Prints a markdown table (CPU, date, versions) ready for benchmarks/RESULTS.md.
 """
@@ -83,7 +83,7 @@ class Runner:
         else:
             import adalora_core as ac
 
-            self.model = ac.get_adalora_model(model, ac.AdaLoraConfig(**cfg), fast_forward=fast)
+            self.model = ac.get_adalora_model(model, ac.AdaLoraConfig(**cfg), exact_peft=not fast)
             self.params = self.model.trainable_parameters()
             self.update = self.model.update_and_allocate
         self.opt = torch.optim.AdamW(self.params, lr=1e-3)
@@ -127,7 +127,7 @@ def main() -> None:
     cfg = {"target_modules": targets, "init_r": args.init_r, "target_r": args.init_r // 2, "tinit": 0, "tfinal": 0,
                "deltaT": 1, "total_step": total, "lora_alpha": 16}
     runners = {"peft": Runner("peft", base, cfg), "ours": Runner("ours", base, cfg),
-               "ours (fast_forward)": Runner("ours", base, cfg, fast=True)}
+               "ours (default)": Runner("ours", base, cfg, fast=True)}
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 1024, (args.batch, args.seq), generator=g) for _ in range(4)]
 
@@ -136,9 +136,9 @@ def main() -> None:
         for r in (runners["peft"], runners["ours"]):
             r.train_step(step, batches[step % 4])
     same = all(torch.equal(a, b) for a, b in zip(runners["peft"].params, runners["ours"].params))
-    runners["ours (fast_forward)"].train_step(0, batches[0])  # keep its step count in line
+    runners["ours (default)"].train_step(0, batches[0])  # keep its step count in line
     for step in (1, 2):
-        runners["ours (fast_forward)"].train_step(step, batches[step % 4])
+        runners["ours (default)"].train_step(step, batches[step % 4])
 
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "alloc": [], "forward": []} for k in runners}
     step = 3
@@ -179,12 +179,12 @@ def main() -> None:
           f"init_r {args.init_r}, batch {args.batch} x {args.seq} tokens; every step a masking step")
     print(f"- median of {args.steps} timed steps after {args.warmup} warm-up, implementations interleaved")
     print(f"- exact path bit-identical to PEFT on the checked steps: {'yes' if same else 'NO'}\n")
-    print("| measurement | PEFT (ms) | ours (ms) | ours / PEFT | ours fast_forward (ms) |")
+    print("| measurement | PEFT (ms) | ours exact_peft (ms) | ours / PEFT | ours default (ms) |")
     print("|---|---:|---:|---:|---:|")
     labels = {"train": "train step (fwd+bwd+AdamW+allocator)", "alloc": "update_and_allocate alone",
               "forward": "inference forward (no_grad)"}
     for m, label in labels.items():
-        p, o, f = med["peft"][m], med["ours"][m], med["ours (fast_forward)"][m]
+        p, o, f = med["peft"][m], med["ours"][m], med["ours (default)"][m]
         print(f"| {label} | {p:.3f} | {o:.3f} | {o / p:.2f} | {f:.3f} |")
 
 

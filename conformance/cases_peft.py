@@ -180,7 +180,7 @@ def _load(impl: str, kind: str, path: Path) -> np.ndarray:
     P = _P()
     base = P.build(kind)
     if impl == "ours":
-        model = P.AdaLoraModel.from_pretrained(copy.deepcopy(base), path)
+        model = P.AdaLoraModel.from_pretrained(copy.deepcopy(base), path, exact_peft=True)
     else:
         import peft
 

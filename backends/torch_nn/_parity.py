@@ -122,11 +122,14 @@ def config_kwargs(kind: str, **overrides: Any) -> dict[str, Any]:
 
 
 def ours(base: nn.Module, adapter_seed: int = 1, **cfg: Any) -> AdaLoraModel:
-    """Our wrapper around a deep copy of ``base``, adapters drawn after ``torch.manual_seed(adapter_seed)``."""
-    fast = cfg.pop("fast_forward", False)
+    """Our wrapper around a deep copy of ``base``, adapters drawn after ``torch.manual_seed(adapter_seed)``.
+
+    PEFT's exact op order unless ``exact_peft=False`` is passed: these models are compared with PEFT's.
+    """
+    exact = cfg.pop("exact_peft", True)
     model = copy.deepcopy(base)
     torch.manual_seed(adapter_seed)
-    return get_adalora_model(model, ac.AdaLoraConfig(**cfg), fast_forward=fast)
+    return get_adalora_model(model, ac.AdaLoraConfig(**cfg), exact_peft=exact)
 
 
 def peft(base: nn.Module, adapter_seed: int = 1, **cfg: Any) -> Any:

@@ -7,15 +7,19 @@ An ``SVDLinear`` holds the original ``nn.Linear`` (or Hugging Face GPT-2
 (state-dict keys ``...lora_A.default``). The forward is
 
     result = base_layer(x)
-    result += triplet.forward(dropout(x), A, E, B, scaling, ranknum)
+    result += (dropout(x) @ (A * E).T) @ B.T * c,    c = scaling / (ranknum + 1e-5)
 
-with the core's op order, added in place so ``result`` keeps the base dtype.
+added in place so ``result`` keeps the base dtype, by :class:`SVDDelta`: two
+matmuls on the activations, as LoRA's, with ``E`` folded into the small
+``A`` and ``c`` into the matmuls' ``alpha``. With ``exact_peft`` it is the
+core's ``triplet.forward`` instead, PEFT's op order, bit-identical to PEFT.
 ``SVDConv2d`` does the same for ``nn.Conv2d`` with PEFT's SVDConv2d semantics
 (``A (r, in_channels * kh * kw)``, the delta weight reshaped to the kernel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -76,6 +80,73 @@ def check_supported(name: str, module: nn.Module) -> None:
         raise ValueError(f"target module {name!r} has no 2-d (or conv 4-d) weight")
 
 
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off where it is on: :class:`SVDDelta` picks its own dtypes (the adapter's)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, like: torch.Tensor) -> torch.Tensor:
+    """``alpha * (a @ b)`` in one GEMM, no separate scaling pass.
+
+    ``addmm`` with ``beta=0`` ignores its input's values (documented; nothing
+    is read or copied), so ``like`` only has to have the result's shape.
+    """
+    return torch.addmm(like, a, b, beta=0, alpha=alpha)
+
+
+class SVDDelta(torch.autograd.Function):
+    """``result += c * (x @ (A * E).T) @ B.T`` in place, at LoRA's cost in kernels.
+
+    Forward: ``A * E`` (an ``(r, in)`` multiply), ``x @ (A * E).T``, and the
+    second matmul with the add and ``c`` fused into it (``addmm_``; a
+    separate add when ``result`` has another dtype). Backward: four matmuls
+    (``c`` as their ``alpha``), ``dA = dW * E`` and ``dE`` as one batched
+    row-dot: PEFT's LoRA issues as many (it scales the activations instead).
+    Computes in the adapter's dtype whatever autocast says.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, E: torch.Tensor,
+                B: torch.Tensor, c: float) -> torch.Tensor:
+        with _without_autocast(x.device):
+            x2 = x.reshape(-1, x.shape[-1])
+            w = A * E
+            t = torch.mm(x2, w.T)
+            if result.dtype == t.dtype and result.is_contiguous():
+                result.view(-1, result.shape[-1]).addmm_(t, B.T, alpha=c)
+            else:
+                result.add_(torch.mm(t, B.T).view(result.shape), alpha=c)
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x2, A, E, B, w, t)
+        ctx.c, ctx.x_shape = c, x.shape
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, A, E, B, w, t = ctx.saved_tensors
+        c = ctx.c
+        need_result, need_x, need_A, need_E, need_B, _ = ctx.needs_input_grad
+        dx = dA = dE = dB = None
+        with _without_autocast(g.device):
+            g2 = g.reshape(-1, g.shape[-1]).to(B.dtype)
+            if need_B:
+                dB = _mm_scaled(g2.T, t, c, like=B)
+            if need_x or need_A or need_E:
+                dt = _mm_scaled(g2, B, c, like=t)
+                if need_x:
+                    dx = torch.mm(dt, w).view(ctx.x_shape)
+                if need_A or need_E:
+                    dw = torch.mm(dt.T, x2)
+                    if need_A:
+                        dA = dw * E
+                    if need_E:  # row-wise dot of dw and A, one batched (1 x in) @ (in x 1)
+                        dE = torch.bmm(dw.unsqueeze(1), A.unsqueeze(2)).view(E.shape)
+        return (g if need_result else None), dx, dA, dE, dB, None
+
+
 class SVDLayer(nn.Module):
     """Common part of the SVD-triplet wrappers: the adapters, merge state and trainability."""
 
@@ -96,7 +167,8 @@ class SVDLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self.fast_forward = False
+        self.exact_peft = False
+        self._fold: dict[str, tuple[int, float]] = {}
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -163,6 +235,8 @@ class SVDLayer(nn.Module):
         self.r[adapter_name] = r
         self.init_r[adapter_name] = config.init_r if init_r is None else init_r
         self.scaling[adapter_name] = config.scaling
+        rank = r if init_r is None else init_r  # the value ranknum was filled with
+        self._fold[adapter_name] = (self.ranknum[adapter_name]._version, config.scaling / (rank + triplet.EPS))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -170,7 +244,7 @@ class SVDLayer(nn.Module):
         for store in (self.lora_A, self.lora_B, self.lora_E, self.ranknum, self.lora_dropout):
             if adapter_name in store:
                 del store[adapter_name]
-        for d in (self.r, self.init_r, self.scaling):
+        for d in (self.r, self.init_r, self.scaling, self._fold):
             d.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
@@ -182,11 +256,22 @@ class SVDLayer(nn.Module):
 
     # --------------------------------------------------------------- forward
 
-    def _factor(self, name: str) -> torch.Tensor:
-        """``scaling / (ranknum + 1e-5)`` (only the fast forward uses it folded)."""
-        return self.scaling[name] / (self.ranknum[name] + triplet.EPS)
+    def _factor(self, name: str) -> float:
+        """``scaling / (ranknum + 1e-5)`` as a Python number, for the folded forward.
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        Known when the adapter is created (no device read per forward); read
+        again from ``ranknum`` only if ``ranknum`` was written since (its
+        version counter moved, e.g. ``load_state_dict``).
+        """
+        ranknum = self.ranknum[name]
+        version, c = self._fold[name]
+        if version != ranknum._version:
+            c = self.scaling[name] / (float(ranknum.detach().reshape(-1)[0]) + triplet.EPS)
+            self._fold[name] = (ranknum._version, c)
+        return c
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s delta on ``x`` (added in place, keeping ``result``'s dtype)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -202,7 +287,7 @@ class SVDLayer(nn.Module):
                 continue
             A = self.lora_A[name]
             xa = x if x.dtype == A.dtype else x.to(A.dtype)
-            result += self._delta(self.lora_dropout[name](xa), name)
+            result = self._add_delta(result, self.lora_dropout[name](xa), name)
         return result
 
     # ----------------------------------------------------------------- merge
@@ -279,13 +364,12 @@ class SVDLinear(SVDLayer):
         w = self.base_layer.weight
         return int(w.shape[1] if self.fan_in_fan_out else w.shape[0])
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
-        if self.fast_forward:
-            # Fold scaling / (ranknum + 1e-5) into E: one (r, 1) multiply instead of two passes
-            # over the (..., out) output. Not bit-exact; see docs/peft-differences.md.
-            return (x @ (A * (E * self._factor(name))).T) @ B.T
-        return triplet.forward(x, A, E, B, self.scaling[name], self.ranknum[name])
+        if self.exact_peft:
+            result += triplet.forward(x, A, E, B, self.scaling[name], self.ranknum[name])
+            return result
+        return SVDDelta.apply(result, x, A, E, B, self._factor(name))
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
@@ -317,14 +401,15 @@ class SVDConv2d(SVDLayer):
     def get_delta_weight(self, name: str) -> torch.Tensor:
         A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
         shape = self.base_layer.weight.shape
-        if self.fast_forward:
-            return (B @ (A * (E * self._factor(name)))).reshape(shape)
-        return triplet.delta_weight(A, E, B, self.scaling[name], self.ranknum[name]).reshape(shape)
+        if self.exact_peft:
+            return triplet.delta_weight(A, E, B, self.scaling[name], self.ranknum[name]).reshape(shape)
+        return (B @ (A * (E * self._factor(name)))).reshape(shape)
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         b = self.base_layer
-        return F.conv2d(x, self.get_delta_weight(name), stride=b.stride, padding=b.padding,
-                        dilation=b.dilation, groups=b.groups)
+        result += F.conv2d(x, self.get_delta_weight(name), stride=b.stride, padding=b.padding,
+                           dilation=b.dilation, groups=b.groups)
+        return result
 
     def _combined(self, W: torch.Tensor, name: str, sign: int) -> torch.Tensor:
         flat = W.reshape(W.shape[0], -1)

@@ -1,4 +1,4 @@
-"""``AdaLoraModel``: AdaLoRA on any torch module, numerically identical to PEFT.
+"""``AdaLoraModel``: AdaLoRA on any torch module, PEFT's numerics (bit for bit with ``exact_peft=True``).
 
     model = get_adalora_model(torch_module, AdaLoraConfig(target_modules=[...], total_step=T))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
@@ -60,11 +60,11 @@ class AdaLoraModel(nn.Module):
 
     Holds at most one trainable adapter (with its :class:`RankAllocator`) and
     any number of inference-mode adapters beside it; one adapter is active in
-    the forward at a time (:meth:`set_adapter`).
+    the forward at a time (:meth:`set_adapter`). ``exact_peft``: see :func:`get_adalora_model`.
     """
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
-                 autocast_adapter_dtype: bool = True, fast_forward: bool = False,
+                 autocast_adapter_dtype: bool = True, exact_peft: bool = False,
                  _checkpoint: str | os.PathLike[str] | None = None) -> None:
         if isinstance(model, AdaLoraModel):
             raise TypeError("the model is already an AdaLoraModel; use add_adapter() to add another adapter")
@@ -79,7 +79,7 @@ class AdaLoraModel(nn.Module):
         self.active_adapter: str | None = None
         self.allocator: RankAllocator | None = None
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.fast_forward = fast_forward
+        self.exact_peft = exact_peft
         # adapter -> module -> kept indices into init_r, for modules loaded at a pruned rank
         self._kept_index: dict[str, dict[str, list[int]]] = {}
         self._unloaded = False
@@ -205,7 +205,7 @@ class AdaLoraModel(nn.Module):
                 layer.set_adapter(active)
                 parent, child = get_submodule_parent(self.model, k)
                 setattr(parent, child, layer)
-            layer.fast_forward = self.fast_forward
+            layer.exact_peft = self.exact_peft
             layer.update_layer(adapter_name, config.init_r, config, trainable=trainable,
                                autocast_adapter_dtype=self.autocast_adapter_dtype)
         self._layers = None
@@ -343,6 +343,8 @@ class AdaLoraModel(nn.Module):
         yourself (``loss = out.loss + model.orth_loss()``), or let
         :class:`~.callback.AdaLoraTrainerMixin` do it during training only.
         With ``orth_reg_weight == 0`` it is a zero tensor and costs nothing.
+        The matrices are grouped by shape (one batched product per group);
+        with ``exact_peft`` they are summed module by module, PEFT's order.
         """
         self._check_loaded()
         name = self._require_trainable()
@@ -351,7 +353,7 @@ class AdaLoraModel(nn.Module):
         if weight == 0:
             ref = pairs[0][0]
             return torch.zeros((), dtype=ref.dtype, device=ref.device)
-        return weight * orth_reg(pairs)
+        return weight * orth_reg(pairs, peft_order=self.exact_peft)
 
     # ---------------------------------------------------------- rank pattern
 
@@ -585,13 +587,16 @@ def _check_kept_index(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, 
 
 
 def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
-                      autocast_adapter_dtype: bool = True, fast_forward: bool = False) -> AdaLoraModel:
+                      autocast_adapter_dtype: bool = True, exact_peft: bool = False) -> AdaLoraModel:
     """Inject AdaLoRA adapters into ``model`` (in place) and return the wrapper.
 
-    ``fast_forward=True`` folds ``scaling / (ranknum + 1e-5)`` into ``E``:
-    fewer passes over the output, but not bit-identical to PEFT (the error is
-    measured in docs/peft-differences.md). ``autocast_adapter_dtype`` as PEFT:
+    By default the adapter forward costs what a LoRA forward costs (two
+    matmuls, ``E`` and ``scaling / (ranknum + 1e-5)`` folded into the small
+    factors) and the regulariser is one batched product per shape group;
+    both agree with PEFT to float32 rounding (docs/peft-differences.md).
+    ``exact_peft=True`` runs PEFT's op order instead, bit-identical to PEFT
+    in float32 on CPU. ``autocast_adapter_dtype`` as PEFT:
     adapters of a float16/bfloat16 model are kept in float32.
     """
     return AdaLoraModel(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                        fast_forward=fast_forward)
+                        exact_peft=exact_peft)
