@@ -6,7 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from adalora_core import AdaLoraConfig, CheckpointError, Triplet, load_adapter, load_arrays, save_adapter, save_arrays
+from adalora_core import (
+    AdaLoraConfig,
+    CheckpointError,
+    Triplet,
+    load_adapter,
+    load_arrays,
+    save_adapter,
+    save_arrays,
+)
 from adalora_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 CFG = AdaLoraConfig(total_step=10, init_r=4, target_r=2)
