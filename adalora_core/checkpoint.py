@@ -42,7 +42,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as _st_save
@@ -185,7 +185,7 @@ def _backup(path: Path) -> Path | None:
     """A hard link to ``path`` under a temp name (no copy), or None when there is none to make."""
     link = path.with_name(_temp_name(path.name))
     try:
-        os.link(path, link, follow_symlinks=False)
+        os.link(path, link)
     except OSError:  # no old file, or a filesystem without hard links
         return None
     return link
@@ -201,9 +201,10 @@ def _write_adapter(path: Path, weights: bytes, config: bytes) -> None:
     the rank pattern, so most saves are one rename); when both change, the
     weights go first, a hard link keeps the old weights, and any exception
     (an error, Ctrl-C) before the config's rename puts them back. Only a
-    hard kill (SIGKILL, power loss) between the two renames can leave new
-    weights beside the old config, which ``load_adapter`` refuses with a
-    clear error (never mixes) and the next save repairs.
+    hard kill (SIGKILL, power loss) between the two renames, microseconds
+    apart, can leave new weights beside the old config: ``load_adapter``
+    refuses that pair when their ranks differ (the case while training), and
+    the next save repairs it.
     """
     directory = _ensure_dir(path)
     _clean_orphans(directory)
@@ -216,9 +217,11 @@ def _write_adapter(path: Path, weights: bytes, config: bytes) -> None:
     temps: list[Path] = []
     try:
         temps.append(w_tmp := _write_temp(w_path, weights))
-        c_tmp = _write_temp(c_path, config) if config_changed else None
-        backup = _backup(w_path) if c_tmp is not None else None
-        temps += [p for p in (c_tmp, backup) if p is not None]
+        c_tmp = backup = None
+        if config_changed:
+            temps.append(c_tmp := _write_temp(c_path, config))
+            backup = _backup(w_path)
+            temps += [backup] if backup is not None else []
         try:
             os.replace(w_tmp, w_path)
             if c_tmp is not None:
@@ -377,6 +380,7 @@ def save_adapter(
     config: AdaLoraConfig,
     weights: Mapping[str, Triplet],
     rank_pattern: Mapping[str, Sequence[bool]] | None = None,
+    extra: Mapping[str, Array] | None = None,
 ) -> None:
     """Write a PEFT-compatible AdaLoRA adapter directory.
 
@@ -384,6 +388,9 @@ def save_adapter(
     (``"<path>.lora_E" -> [bool] * init_r``) slices a full-rank module's A
     rows, E rows and B columns to the kept triplets, as PEFT's
     ``save_pretrained`` does; a module already at its kept rank is saved as is.
+    ``extra`` holds the other tensors PEFT saves with an adapter (the
+    ``modules_to_save`` copies, trained biases), keyed by their path in the
+    model, any dtype. ``adapter_config.json`` carries every key PEFT writes.
     Only the two adapter files are written (see the module docstring).
     """
     pattern = dict(rank_pattern or {})
@@ -397,10 +404,22 @@ def save_adapter(
             a, e, b = a[idx], e[idx], b[:, idx]
         for part, t in (("lora_A", a), ("lora_B", b), ("lora_E", e)):
             tensors[f"{PREFIX}{name}.{part}"] = np.ascontiguousarray(t)
+    clash = sorted(k for k in extra or {} if f"{PREFIX}{k}" in tensors or _part(k) is not None)
+    if clash:
+        raise CheckpointError(f"refusing to save {path}: extra tensors {clash[:3]} have adapter tensor names")
+    tensors.update({f"{PREFIX}{k}": v for k, v in _to_host(extra or {}).items()})
     _check_finite(tensors, f"refusing to save {path}")
-    cfg = config.replace(rank_pattern=pattern or None, inference_mode=True).to_dict()
-    _write_adapter(Path(path), _st_save(tensors, metadata={"format": "pt"}),
-                   json.dumps(cfg, indent=2, sort_keys=True).encode())
+    cfg = config.replace(rank_pattern=pattern or None, inference_mode=True)
+    _write_adapter(Path(path), _st_save(tensors, metadata={"format": "pt"}), _config_bytes(cfg))
+
+
+def _config_bytes(config: AdaLoraConfig) -> bytes:
+    return json.dumps(config.to_peft_dict(), indent=2, sort_keys=True).encode()
+
+
+def write_adapter_config(path: str | os.PathLike[str], config: AdaLoraConfig) -> None:
+    """``adapter_config.json`` alone into directory ``path`` (atomic), as PEFT's ``config.save_pretrained``."""
+    _atomic_write_bytes(Path(path) / CONFIG_NAME, _config_bytes(config))
 
 
 def _check_pattern(pattern: Mapping[str, Sequence[bool]], weights: Mapping[str, Triplet], init_r: int) -> None:
@@ -431,25 +450,52 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdaLoraConfig:
         raise CheckpointError(f"{cfg_path}: {exc}") from exc
 
 
-def load_adapter(
+_PARTS = ("lora_A", "lora_B", "lora_E")
+
+
+def _part(key: str) -> str | None:
+    """``"lora_A"``/``"lora_B"``/``"lora_E"`` when ``key`` names a triplet tensor, else None."""
+    part = key.rsplit(".", 1)[-1]
+    return part if part in _PARTS and "." in key else None
+
+
+class AdapterContents(NamedTuple):
+    """What :func:`read_adapter` returns: the config, the triplets by module, the other tensors by key."""
+
+    config: AdaLoraConfig
+    weights: dict[str, Triplet]
+    extra: dict[str, Array]
+
+
+def read_adapter(
     path: str | os.PathLike[str],
     shapes: Mapping[str, tuple[int, int]] | None = None,
     convert: Callable[[Any], Array] | None = None,
-) -> tuple[AdaLoraConfig, dict[str, Triplet]]:
-    """Read a PEFT AdaLoRA directory (ours or PEFT's): ``(config, {module: Triplet})``.
+    extra: Mapping[str, tuple[int, ...]] | None = None,
+    skip: Sequence[str] = (),
+) -> AdapterContents:
+    """Read a PEFT AdaLoRA directory (ours or PEFT's): config, triplets, and the other tensors.
 
     Triplets come back at their saved ranks ``r_i`` (the kept count of the
     rank pattern, 0 allowed), float32 for a bfloat16 file. ``shapes``
     (module -> (in, out)) checks the tensors against the model they are meant
-    for. Every check runs before ``convert`` is called, so a bad directory
-    changes nothing; shapes and dtypes are checked before any tensor is read.
+    for. ``extra`` (key -> shape, keys without PEFT's ``base_model.model.``)
+    lists the other tensors the directory must hold (``modules_to_save``
+    copies, biases), any dtype; keys under a ``skip`` prefix are ignored; any
+    other tensor is an error. Every check runs before ``convert`` is called,
+    so a bad directory changes nothing; shapes and dtypes are checked before
+    any tensor is read.
     """
     config = read_adapter_config(path)
     pattern = dict(config.rank_pattern or {})
+    wanted = dict(extra or {})
 
     def check(header: Header, metadata: Mapping[str, str], problems: Problems) -> list[str]:
+        header = {k: v for k, v in header.items() if not k[len(PREFIX):].startswith(tuple(skip))}
+        triplet_keys = {k: v for k, v in header.items() if k.startswith(PREFIX) and _part(k) is not None
+                        and k[len(PREFIX):] not in wanted}
         modules = list(shapes) if shapes is not None else \
-            sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in header if k.startswith(PREFIX)})
+            sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in triplet_keys})
         expect: dict[str, tuple[tuple[int, ...], str | None]] = {}
         for name in modules:
             mask = pattern.get(f"{name}.lora_E")
@@ -467,8 +513,9 @@ def load_adapter(
         unknown = [k for k in pattern if k.removesuffix(".lora_E") not in modules]
         problems.require(not unknown, f"the rank_pattern of {CONFIG_NAME} names modules that have no tensors: "
                                       f"{unknown}")
+        expect.update({f"{PREFIX}{k}": (tuple(shape), None) for k, shape in wanted.items()})
         _check_header(problems, header, expect)
-        dtypes = sorted({dtype for _, dtype in header.values()})
+        dtypes = sorted({header[k][1] for k in expect if k in header and k[len(PREFIX):] not in wanted})
         problems.require(len(dtypes) <= 1, f"adapter tensors have mixed dtypes {dtypes}")
         problems.require(set(dtypes) <= set(_FLOATS), f"adapter tensors must be floating, got {dtypes}")
         return modules
@@ -484,4 +531,14 @@ def load_adapter(
         )
         for name in modules
     }
+    return AdapterContents(config, weights, {k: conv(host[f"{PREFIX}{k}"]) for k in wanted})
+
+
+def load_adapter(
+    path: str | os.PathLike[str],
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+    convert: Callable[[Any], Array] | None = None,
+) -> tuple[AdaLoraConfig, dict[str, Triplet]]:
+    """``(config, {module: Triplet})`` of an adapter directory with no other tensors: see :func:`read_adapter`."""
+    config, weights, _ = read_adapter(path, shapes, convert)
     return config, weights
