@@ -17,8 +17,10 @@ fsynced, renamed over the target, and the directory is fsynced. Stale temp
 files of that naming (their writer is gone, or they are older than
 ``STALE_AFTER_S``), and the hidden ``.<name>.XXXXXXXX.tmp[.old]`` leftovers of
 the earlier whole-directory swap, are removed by the next save there; nothing
-else is ever removed. The adapter's two files are ordered so that the
-directory holds a loadable pair at every instant: see :func:`_write_adapter`.
+else is ever removed. The adapter's two files are written so that an
+error or Ctrl-C at any point leaves the previous adapter loadable at its path
+(only a hard kill between two renames cannot be covered: see
+:func:`_write_adapter`).
 
 Reading. Files are opened with ``safetensors.safe_open`` (memory-mapped),
 which first checks that the header's offsets cover the file exactly; keys,
