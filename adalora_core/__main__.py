@@ -25,11 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"Spearman rank correlation (final vs planted): {res.spearman:.3f}")
     print(f"loss {res.loss_start:.4f} -> {res.loss_end:.4f} in {res.seconds:.1f} s")
     if args.plot:
-        labels = [f"layer {i} (planted {k})" for i, k in enumerate(res.planted)]
-        fig = plot.allocation_figure(res.history, total_steps=args.steps, init_r=cfg.init_r, labels=labels,
-                                     planted=res.planted, schedule=plot.scheduled_budget(cfg, len(res.planted)),
-                                     marks=plot.phases(cfg), title="AdaLoRA demo: kept triplets per layer")
-        plot.save(fig, args.plot)
+        plot.save(demo.figure(res), args.plot)
         print(f"figure written to {args.plot}")
     return 0
 

