@@ -97,12 +97,30 @@ def _mm_scaled(a: torch.Tensor, b: torch.Tensor, alpha: float, like: torch.Tenso
     return torch.addmm(like, a, b, beta=0, alpha=alpha)
 
 
+def _add_product(result: torch.Tensor, t: torch.Tensor, Bt: torch.Tensor, c: float) -> torch.Tensor:
+    """``result + c * t @ Bt`` in ``result``'s shape and dtype, in place unless ``result`` is a view.
+
+    In place, the add is fused into the GEMM (``addmm_``) where the dtypes
+    agree. A view is not written to (autograd would copy it back into its
+    base, twice over the activations): a new tensor is returned instead.
+    """
+    if result._base is None:
+        if result.dtype == t.dtype and result.is_contiguous():
+            result.view(-1, result.shape[-1]).addmm_(t, Bt, alpha=c)
+        else:
+            result.add_(torch.mm(t, Bt).view(result.shape), alpha=c)
+        return result
+    if result.dtype == t.dtype:
+        return torch.addmm(result.reshape(-1, result.shape[-1]), t, Bt, alpha=c).view(result.shape)
+    return torch.add(result, torch.mm(t, Bt).view(result.shape), alpha=c, out=torch.empty_like(result))
+
+
 class SVDDelta(torch.autograd.Function):
-    """``result += c * (x @ (A * E).T) @ B.T`` in place, at LoRA's cost in kernels.
+    """``result + c * (x @ (A * E).T) @ B.T``, at LoRA's cost in kernels.
 
     Forward: ``A * E`` (an ``(r, in)`` multiply), ``x @ (A * E).T``, and the
-    second matmul with the add and ``c`` fused into it (``addmm_``; a
-    separate add when ``result`` has another dtype). Backward: four matmuls
+    second matmul with the add and ``c`` fused into it (:func:`_add_product`;
+    ``result`` is written in place unless it is a view). Backward: four matmuls
     (``c`` as their ``alpha``), ``dA = dW * E`` and ``dE`` as one batched
     row-dot: PEFT's LoRA issues as many (it scales the activations instead).
     Computes in the adapter's dtype whatever autocast says.
@@ -115,14 +133,12 @@ class SVDDelta(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             w = A * E
             t = torch.mm(x2, w.T)
-            if result.dtype == t.dtype and result.is_contiguous():
-                result.view(-1, result.shape[-1]).addmm_(t, B.T, alpha=c)
-            else:
-                result.add_(torch.mm(t, B.T).view(result.shape), alpha=c)
-        ctx.mark_dirty(result)
+            out = _add_product(result, t, B.T, c)
+        if out is result:
+            ctx.mark_dirty(result)
         ctx.save_for_backward(x2, A, E, B, w, t)
         ctx.c, ctx.x_shape = c, x.shape
-        return result
+        return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -168,6 +184,7 @@ class SVDLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.exact_peft = False
+        self.flat_input = False  # the base layer may be called on x flattened to (N, in)
         self._fold: dict[str, tuple[int, float]] = {}
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -279,16 +296,20 @@ class SVDLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        lead = None
+        flat = self.flat_input and not self.exact_peft and not args and not kwargs
+        if flat and x.dim() > 2 and x.is_contiguous():
+            # an nn.Linear's output on (N, in) is its own tensor, not a view: the delta goes in in place
+            lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            A = self.lora_A[name]
-            xa = x if x.dtype == A.dtype else x.to(A.dtype)
-            result = self._add_delta(result, self.lora_dropout[name](xa), name)
-        return result
+        if not self.merged:
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                A = self.lora_A[name]
+                xa = x if x.dtype == A.dtype else x.to(A.dtype)
+                result = self._add_delta(result, self.lora_dropout[name](xa), name)
+        return result if lead is None else result.view(*lead, result.shape[-1])
 
     # ----------------------------------------------------------------- merge
 
@@ -353,6 +374,7 @@ class SVDLinear(SVDLayer):
         if kind not in ("linear", "conv1d"):
             raise ValueError(f"SVDLinear wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
         self.fan_in_fan_out = kind == "conv1d"
+        self.flat_input = kind == "linear"
 
     @property
     def in_features(self) -> int:
