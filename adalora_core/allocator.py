@@ -365,55 +365,68 @@ class RankAllocator:
         if not isinstance(arrays, Mapping):
             p.add(f"its arrays must be a mapping of name to array, got {type(arrays).__name__}")
             arrays = {}
-        ranks = meta.get("ranks")
-        p.require(isinstance(ranks, Mapping) and dict(ranks) == self.ranks,
-                  f"it is for modules/ranks {ranks!r}, not {self.ranks}")
-        finalized = p.bool_field(meta, "finalized")
-        last_step = None
-        if p.require("last_step" in meta, "missing field 'last_step'"):
-            last_step = p.int_field(meta, "last_step", optional=True)
-        if last_step is not None:
-            p.require(last_step <= self.config.total_step,  # type: ignore[operator]
-                      f"last_step={last_step} is beyond total_step={self.config.total_step}")
-        budget = p.int_field(meta, "budget")
-        lo, hi = sorted((self.init_bgt, self.target_bgt))
-        if budget is not None:
-            p.require(lo <= budget <= hi, f"budget={budget} must lie in [{lo}, {hi}] (the schedule's range)")
-        skipped = p.int_field(meta, "skipped_steps")
-        missing = _meta_missing_grads(p, meta, self.ranks)
-        self._check_config(p, meta)
-
-        known = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in self.names} \
-            if params is not None else None
-        shapes = {n: (int(t.A.shape[1]), int(t.B.shape[0])) for n, t in known.items()} if known else self.shapes
-        saved = _meta_shapes(p, meta, self.ranks)
-        if shapes and saved and saved != shapes:
-            p.add(f"it is for weights of (in, out) {saved}, not {shapes}")
-        has_ema = any(str(k).startswith(tuple(f"{kind}." for kind in KINDS)) for k in arrays)
-        dims: Mapping[str, tuple[int, int] | None] = shapes or saved or {n: _ema_dims(arrays, n) for n in self.names}
-        ref = known or (self.ema_ipt if self.ema_ipt else None)  # arrays of the weights' dtypes, if any
-        emas = self._check_emas(p, arrays, dims, ref) if has_ema else {}
-        masks = self._check_masks(p, arrays)
-        expected = {f"{kind}.{n}.{x}" for kind in KINDS for n in self.names for x in PARTS}
-        unknown = sorted(str(k) for k in arrays if k not in expected and k not in {f"mask.{n}" for n in self.names})
-        p.require(not unknown, f"unexpected arrays {unknown[:8]}")
-        _check_one_library(p, arrays.values())
-        p.require(not (finalized and has_ema), "a finalized state holds no EMAs (they are dropped at T_f)")
-        p.require(not (masks and not has_ema and not finalized), "masks without EMAs (masks come from them)")
+        fields = self._check_fields(p, meta)
+        shapes, emas, masks = self._check_arrays(p, arrays, meta, params)
+        finalized = fields["finalized"]
+        p.require(not (finalized and emas), "a finalized state holds no EMAs (they are dropped at T_f)")
+        p.require(not (masks and not emas and not finalized), "masks without EMAs (masks come from them)")
         p.require(not ("last_step" in meta and meta["last_step"] is None and (arrays or finalized)),
                   "a state before the first step (last_step=None) holds no arrays and is not finalized")
         p.raise_if_any()
-        assert finalized is not None and budget is not None and skipped is not None
 
         def store(kind: str) -> dict[str, Triplet] | None:
             if finalized:
                 return None
             return {n: Triplet(*(emas[f"{kind}.{n}.{x}"] for x in PARTS)) for n in self.names} if emas else {}
 
-        new_shapes = shapes or saved or ({n: d for n, d in dims.items() if d is not None} if has_ema else {})
-        return _State(ema_ipt=store("ema_ipt"), ema_unc=store("ema_unc"), masks=masks, finalized=finalized,
-                      last_step=last_step, budget=budget, skipped_steps=skipped, missing_grads=missing,
-                      shapes=dict(new_shapes))
+        return _State(ema_ipt=store("ema_ipt"), ema_unc=store("ema_unc"), masks=masks, shapes=shapes, **fields)
+
+    def _check_fields(self, p: Problems, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The scalar meta fields, type- and range-checked (None where a problem was recorded)."""
+        ranks = meta.get("ranks")
+        p.require(isinstance(ranks, Mapping) and dict(ranks) == self.ranks,
+                  f"it is for modules/ranks {ranks!r}, not {self.ranks}")
+        last_step = None
+        if p.require("last_step" in meta, "missing field 'last_step'"):
+            last_step = p.int_field(meta, "last_step", optional=True)
+        total = self.config.total_step
+        if last_step is not None and total is not None:
+            p.require(last_step <= total, f"last_step={last_step} is beyond total_step={total}")
+        budget = p.int_field(meta, "budget")
+        lo, hi = sorted((self.init_bgt, self.target_bgt))
+        if budget is not None:
+            p.require(lo <= budget <= hi, f"budget={budget} must lie in [{lo}, {hi}] (the schedule's range)")
+        self._check_config(p, meta)
+        return {"finalized": p.bool_field(meta, "finalized"), "last_step": last_step, "budget": budget,
+                "skipped_steps": p.int_field(meta, "skipped_steps"),
+                "missing_grads": _meta_missing_grads(p, meta, self.ranks)}
+
+    def _check_arrays(self, p: Problems, arrays: Mapping[Any, Any], meta: Mapping[str, Any],
+                      params: Mapping[str, Any] | None) -> tuple[dict[str, tuple[int, int]], dict[str, Array],
+                                                                 dict[str, Array]]:
+        """``(shapes, EMA arrays by key, masks by module)`` of a state, each array checked against the weights."""
+        known = None
+        if params is not None:
+            if set(params) != set(self.ranks):
+                raise ValueError(f"params must name exactly the allocator's modules {self.names}, not {sorted(params)}")
+            known = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in self.names}
+        shapes = {n: (int(t.A.shape[1]), int(t.B.shape[0])) for n, t in known.items()} if known else self.shapes
+        saved = _meta_shapes(p, meta, self.ranks)
+        if shapes and saved and saved != shapes:
+            p.add(f"it is for weights of (in, out) {saved}, not {shapes}")
+        emas: dict[str, Array] = {}
+        if any(str(k).startswith(tuple(f"{kind}." for kind in KINDS)) for k in arrays):
+            dims: Mapping[str, tuple[int, int] | None] = shapes or saved or {n: _ema_dims(arrays, n) for n in self.names}
+            ref = known or self.ema_ipt or None  # arrays of the weights' dtypes, if any
+            emas = self._check_emas(p, arrays, dims, ref)
+            saved = saved or {n: d for n, d in dims.items() if d is not None}
+        masks = self._check_masks(p, arrays)
+        expected = {f"{kind}.{n}.{x}" for kind in KINDS for n in self.names for x in PARTS}
+        expected |= {f"mask.{n}" for n in self.names}
+        unknown = sorted(str(k) for k in arrays if k not in expected)
+        p.require(not unknown, f"unexpected arrays {unknown[:8]}")
+        _check_one_library(p, arrays.values())
+        return dict(shapes or saved), emas, masks
 
     def _check_config(self, p: Problems, meta: Mapping[str, Any]) -> None:
         """The saved config is a valid one with this allocator's schedule and betas."""

@@ -185,7 +185,7 @@ def _trained_model(steps):
                         target_modules=["fc_in", "up", "down"])
     om = get_adalora_model(P.build("mlp"), cfg)
     for step in range(steps):
-        om(**P.inputs("mlp", step)).loss.backward()
+        (om(**P.inputs("mlp", step)).loss + om.orth_loss()).backward()
         with torch.no_grad():  # plain SGD (torch.optim's first step costs seconds of imports)
             for p in om.trainable_parameters():
                 p -= 0.1 * p.grad
