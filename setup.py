@@ -48,8 +48,9 @@ kwargs = {"cmdclass": {"build_ext": optional_build_ext}}
 if not os.path.exists(os.path.join(HERE, BUILDER)):
     _warn(FileNotFoundError(f"{BUILDER} is missing from this source tree"))
 elif os.environ.get("ADALORA_NATIVE_BUILD", "1").strip() != "0":
-    try:
-        import cffi  # noqa: F401  (a build requirement; absent only in odd setups)
+    try:  # build requirements (pyproject.toml); absent only in odd setups
+        import cffi  # noqa: F401
+        import numpy  # noqa: F401  (native/src/pyops.c uses NumPy's C API)
     except ImportError as exc:
         _warn(exc)
     else:

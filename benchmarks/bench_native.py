@@ -1,11 +1,23 @@
 """Benchmark of the native backend's C kernels (one CPU core).
 
-    python benchmarks/bench_native.py [--quick]
+    python benchmarks/bench_native.py [--quick] [--only ops,api,paths]
 
-Prints a markdown table: each op from Python (the public op, one request),
-the C kernel alone (timed in a C loop, no Python), its floor from counted
-bytes and FLOPs, NumPy written the obvious way, and PyTorch written the
-obvious way (when importable), all in the same run, single-threaded.
+Prints markdown tables, all figures from the same run, single-threaded:
+
+- ``ops``: each op from Python (the public op, one request), the C kernel
+  alone (timed in a C loop, no Python), its floor from counted bytes and
+  FLOPs, NumPy written the obvious way, and PyTorch written the obvious way
+  (when importable);
+- ``api``: ``LoraAdapter.forward_add``, ``MicroLoRA.forward_add`` and
+  ``AdapterPool.forward_add_batched`` through the public API against the C
+  kernel alone on the same memory layout (the adapters' rank-major storage);
+- ``paths``: ways of calling one rank-2 kernel from Python: the op as built
+  (a METH_FASTCALL entry using NumPy's C API) against cffi calls.
+
+The kernel-alone figures come from a benchmark-only build of the same kernel
+sources with the timing loops of ``native/bench/bench.c`` (compiled on first
+use by ``native/bench/build.py``), so they exist whatever the installed
+library is: the same script times an older install for a before/after table.
 
 Floors (stated with the table): a kernel cannot be faster than
   max(bytes loaded / load bandwidth at its footprint, FLOPs / peak FLOP rate)
@@ -27,16 +39,73 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import datetime
+import importlib.util
 import platform
 import sys
 import timeit
+from pathlib import Path
 
 import numpy as np
 
 try:
     from adalora_core.backends import native
+
+    import adalora_core
 except ImportError as exc:  # pragma: no cover
     sys.exit(f"adalora_core is not installed ({exc}); run `pip install -e .` first")
+
+
+def _bench_build():
+    """``(ffi, lib)`` of the benchmark-only build (native/bench/build.py, by path)."""
+    path = Path(__file__).resolve().parent.parent / "native" / "bench" / "build.py"
+    spec = importlib.util.spec_from_file_location("adalora_bench_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.load()
+
+
+FFI, TIMER = _bench_build()
+ROW_MAJOR, RANK_MAJOR = 0, 1
+
+
+def _fp(a: np.ndarray):
+    """cffi pointer to the memory of a C- or F-contiguous float32 array."""
+    return FFI.from_buffer("float[]", a if a.flags.c_contiguous else a.T)
+
+
+def _layout(A: np.ndarray) -> int:
+    return ROW_MAJOR if A.flags.c_contiguous else RANK_MAJOR
+
+
+def kernel_ns_forward_add(x, A, B, s, out, iters: int) -> float:
+    """ns per call of the forward kernel alone (x one vector; A in either layout)."""
+    d_in, r = A.shape
+    return TIMER.adl_bench_forward_add(_fp(x), d_in, _fp(A), _layout(A), r, _fp(B), B.shape[1], s, _fp(out), iters)
+
+
+def kernel_ns_accumulate(x, g, A, B, c, gA, gB, iters: int) -> float:
+    d_in, r = A.shape
+    return TIMER.adl_bench_accumulate(_fp(x), _fp(g), d_in, B.shape[1], _fp(A), _layout(A), r, _fp(B), c,
+                                      _fp(gA), _fp(gB), iters)
+
+
+def kernel_ns_apply_ewc(p, g, F, o, iters: int) -> float:
+    return TIMER.adl_bench_apply_ewc(_fp(p), _fp(g), p.size, _fp(F), _fp(o), iters)
+
+
+def kernel_ns_forward_add_batched(x, A_stack, B_stack, s, idx, out, iters: int) -> float:
+    """ns per call of the batched kernel alone (all n requests); A_stack (m, in, r) C-contiguous
+    or the (0, 2, 1) view of a C-contiguous (m, r, in) stack."""
+    m, d_in, r = A_stack.shape
+    rank_major = not A_stack.flags.c_contiguous
+    mem = A_stack.transpose(0, 2, 1) if rank_major else A_stack
+    return TIMER.adl_bench_forward_add_batched(
+        _fp(x), x.shape[0], d_in, FFI.from_buffer("float[]", mem), RANK_MAJOR if rank_major else ROW_MAJOR, r,
+        _fp(B_stack), B_stack.shape[2], m, FFI.from_buffer("int64_t[]", idx), s, _fp(out), iters)
+
+
+def read_ns(buf: np.ndarray, iters: int) -> float:
+    return TIMER.adl_bench_read(_fp(buf), buf.size, iters)
 
 try:
     import torch
@@ -90,7 +159,7 @@ class Bandwidth:
         if kib not in self.cache:
             buf = np.ones(kib * 256, F32)
             iters = max(3, int(3e7 / (kib * 1024)))
-            self.cache[kib] = max(kib * 1024 / native.read_ns(buf, iters) for _ in range(7))
+            self.cache[kib] = max(kib * 1024 / read_ns(buf, iters) for _ in range(7))
         return self.cache[kib]
 
 
@@ -102,7 +171,7 @@ class Bench:
         self.budget = budget
         self.rng = np.random.default_rng(0)
         self.bw = Bandwidth()
-        native.read_ns(np.ones(1 << 20, F32), 50)  # wake the core up
+        read_ns(np.ones(1 << 20, F32), 50)  # wake the core up
         self.l1_bw = self.bw.at(16 * 1024)
         self.ghz = self.l1_bw / 64.0  # 2 x 32-byte loads per cycle
         self.peak = 32.0 * self.ghz  # FLOP/ns: 2 FMA pipes x 8 lanes x 2
@@ -151,7 +220,7 @@ def bench_forward(b: Bench, r: int, d: int, target: str, published: str) -> None
     op = native.lora_forward_add
     py = b.time(lambda: op(x, A, B, s, out))
     iters = max(100, 4_000_000 // d)
-    kern = min(native.kernel_ns_forward_add(x, A, B, s, out, iters) for _ in range(5))
+    kern = min(kernel_ns_forward_add(x, A, B, s, out, iters) for _ in range(5))
     np_ns = b.time(lambda: np.add(out, s * (x @ A) @ B, out=out))
     t_ns = None
     if torch is not None:
@@ -171,7 +240,7 @@ def bench_accumulate(b: Bench, d: int, target: str, published: str) -> None:
     op = native.lora_accumulate
     py = b.time(lambda: op(x, g, A, B, s, reward, gA, gB))
     iters = max(100, 2_000_000 // d)
-    kern = min(native.kernel_ns_accumulate(x, g, A, B, c, gA, gB, iters) for _ in range(5))
+    kern = min(kernel_ns_accumulate(x, g, A, B, c, gA, gB, iters) for _ in range(5))
 
     def numpy_way():
         gA.__iadd__(c * np.outer(x, g @ B.T))
@@ -207,7 +276,7 @@ def bench_ewc(b: Bench, d: int) -> None:
 
     py = b.time(native_way)
     iters = max(100, 2_000_000 // d)
-    kern = sum(min(native.kernel_ns_apply_ewc(p, g, F, o, iters) for _ in range(5))
+    kern = sum(min(kernel_ns_apply_ewc(p, g, F, o, iters) for _ in range(5))
                for p, g, F, o in arrays)  # fmt: skip
 
     def numpy_way():
@@ -246,7 +315,7 @@ def bench_batched(b: Bench, target: str) -> None:
     s = 0.5
     op = native.lora_forward_add_batched
     py = b.time(lambda: op(x, A_stack, B_stack, s, idx, out), 2)
-    kern = min(native.kernel_ns_forward_add_batched(x, A_stack, B_stack, s, idx, out, 50)
+    kern = min(kernel_ns_forward_add_batched(x, A_stack, B_stack, s, idx, out, 50)
                for _ in range(5))  # fmt: skip
 
     def numpy_way():
@@ -268,55 +337,145 @@ def bench_batched(b: Bench, target: str) -> None:
           4 * d * (2 * r + 2), 4 * d, 4 * r * d, footprint, np_ns / n, t_ns, target)  # fmt: skip
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="shorter timing budget per figure")
-    args = ap.parse_args()
-    info = native.info()
-    if not info["available"]:
-        print(f"native backend not available: {info['reason']}")
-        return 1
-    b = Bench(0.05 if args.quick else 0.25)
+# ---------------------------------------------------------------------------
+# the public API against the kernel alone on the same layout
+# ---------------------------------------------------------------------------
 
-    ruv_fwd = {768: "484 ns", 2048: "1.33 µs", 4096: "2.61 µs"}
-    ruv_acc = {768: "2.6 µs", 2048: "6.5 µs", 4096: "21.9 µs"}
-    fwd_target = {768: "<= 0.6 µs", 4096: "<= 1.0 µs"}
-    for r in (1, 2):
-        for d in (768, 2048, 4096):
-            bench_forward(b, r, d, fwd_target.get(d, "") if r == 2 else "",
-                          ruv_fwd[d] if r == 2 else "")  # fmt: skip
-    for d in (768, 2048, 4096):
-        bench_accumulate(b, d, "<= 2.0 µs" if d == 4096 else "", ruv_acc[d])
-    for d in (768, 4096):
-        bench_ewc(b, d)
-    bench_batched(b, "<= 1.0 µs")
 
+def _table(head: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
+def _api_row(what: str, d: int, api_ns: float, kern_ns: float, target: float | None) -> list[str]:
+    ratio = api_ns / kern_ns
+    verdict = "" if target is None else f"<= {target}x: {'met' if ratio <= target else 'missed'}"
+    return [what, str(d), fmt_ns(api_ns), fmt_ns(kern_ns), f"{ratio:.2f}x", fmt_ns(api_ns - kern_ns), verdict]
+
+
+def bench_adapters(b: Bench, r: int, d: int) -> list[list[str]]:
+    """LoraAdapter.forward_add and MicroLoRA.forward_add (one request, rank-major storage)."""
+    from adalora_core import LoraAdapter, MicroLoRA, MicroLoraConfig
+
+    x, out = b.rnd(d), np.zeros(d, F32)
+    A, B = b.rnd(d, r), b.rnd(r, d)
+    m = MicroLoRA(MicroLoraConfig(rank=r, in_features=d, out_features=d, target_modules=("q_proj",)),
+                  backend="native", ewc=None)
+    m.adapter("q_proj").set_weights(A, B)
+    ad = LoraAdapter(d, d, r, backend="native")
+    ad.set_weights(A, B)
+    iters = max(100, 4_000_000 // d)
+    kern = min(kernel_ns_forward_add(x, np.ascontiguousarray(A.T).T, B, 1.0, out, iters) for _ in range(5))
+    return [_api_row(f"LoraAdapter.forward_add r{r}", d, b.time(lambda: ad.forward_add(x, out)), kern, None),
+            _api_row(f"MicroLoRA.forward_add r{r}", d, b.time(lambda: m.forward_add(x, "q_proj", out)), kern, None)]
+
+
+def bench_pool(b: Bench, r: int, d: int, n: int = 64, m: int = 64) -> list[list[str]]:
+    """AdapterPool.forward_add_batched, n requests over m sessions (by slot indices and by ids)."""
+    from adalora_core import AdapterPool
+
+    pool = AdapterPool(d, d, r, backend="native", capacity=m)
+    A_stack, B_stack = b.rnd(m, d, r), b.rnd(m, r, d)
+    ids = [f"user-{k}" for k in range(m)]
+    for k, sid in enumerate(ids):
+        pool.create(sid).set_weights(A_stack[k], B_stack[k])
+    req = [ids[k] for k in b.rng.permutation(m)[:n]]
+    idx = pool.indices(req)
+    x, out = b.rnd(n, d), np.zeros((n, d), F32)
+    # the pool's layout: rank-major A per adapter, slots in creation order
+    A_rm = np.ascontiguousarray(A_stack.transpose(0, 2, 1)).transpose(0, 2, 1)
+    kern = min(kernel_ns_forward_add_batched(x, A_rm, B_stack, pool.scaling, idx, out, 50) for _ in range(5))
+    what = f"AdapterPool.forward_add_batched r{r}, {n} requests / {m} sessions"
+    return [_api_row(what + ", slot indices", d, b.time(lambda: pool.forward_add_batched(x, idx, out), 2),
+                     kern, 1.2),
+            _api_row(what + ", session ids", d, b.time(lambda: pool.forward_add_batched(x, req, out), 2),
+                     kern, None)]
+
+
+def bench_paths(b: Bench, d: int = 768) -> list[list[str]]:
+    """One rank-2 forward (d = in = out, one vector) called from Python in different ways."""
+    x, out, A, B = b.rnd(d), np.zeros(d, F32), np.ascontiguousarray(b.rnd(2, d)).T, b.rnd(2, d)
+    kern = min(kernel_ns_forward_add(x, A, B, 0.5, out, max(100, 4_000_000 // d)) for _ in range(5))
+    op, fwd = native.lora_forward_add, TIMER.adl_lora_forward_add
+    At = A.T
+    ptrs = [_fp(a) for a in (x, A, B, out)]
+    ways = [
+        ("the op as built (`native.lora_forward_add`)", lambda: op(x, A, B, 0.5, out)),
+        ("cffi, `ffi.from_buffer` per array, no checks", lambda: fwd(
+            FFI.from_buffer("float[]", x), 1, d, FFI.from_buffer("float[]", At), RANK_MAJOR, 2,
+            FFI.from_buffer("float[]", B), d, 0.5, FFI.from_buffer("float[]", out))),
+        ("cffi, pointers made once (a lower bound for any cffi path)", lambda: fwd(
+            ptrs[0], 1, d, ptrs[1], RANK_MAJOR, 2, ptrs[2], d, 0.5, ptrs[3])),
+        ("cffi, an empty call (`adl_active_isa()`)", TIMER.adl_active_isa),
+    ]
+    return [[what, fmt_ns(t), fmt_ns(t - kern)] for what, t in ((w, b.time(f)) for w, f in ways)] + \
+        [["the kernel alone (C loop)", fmt_ns(kern), "0 ns"]]
+
+
+def header(b: Bench, info: dict) -> None:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     tv = torch.__version__ if torch is not None else "not installed"
     bws = ", ".join(f"{k} KiB {v:.0f}" for k, v in sorted(b.bw.cache.items()))
     print(f"## adalora-core native kernels: {cpu_model()}, {now}\n")
-    print(
-        f"- kernel path `{info['isa']}` ({info['build']}); one-call fast path: {info['fast_path']}"
-    )
+    print(f"- adalora_core from {Path(adalora_core.__file__).parent}; kernel path `{info['isa']}` "
+          f"({info['build']})")  # fmt: skip
     print(f"- Python {platform.python_version()}, NumPy {np.__version__}, PyTorch {tv}; "
           "one thread everywhere (BLAS and torch set to 1)")  # fmt: skip
     print(f"- times: best of {REPEAT} repeats of a timed loop; d = in = out features; "
           "one request = one vector; NumPy/PyTorch written the obvious way, same arrays")  # fmt: skip
-    print(
-        f"- measured read bandwidth (B/ns) by footprint: {bws}; peak {b.peak:.0f} FLOP/ns "
-        f"(32 FLOP/cycle at ~{b.ghz:.1f} GHz, clock estimated from the L1 sweep at 64 B/cycle)"
-    )
+    print(f"- measured read bandwidth (B/ns) by footprint: {bws}; peak {b.peak:.0f} FLOP/ns "
+          f"(32 FLOP/cycle at ~{b.ghz:.1f} GHz, clock estimated from the L1 sweep at 64 B/cycle)")  # fmt: skip
     print("- floor = max(bytes / bandwidth at the footprint, FLOPs / peak): loads only (stores "
           "overlap); past L1, up to loads + stores (write-backs share the L2 path); "
           "kernel / floor uses the lower figure")  # fmt: skip
     print("- ruvLLM: the Rust seed's published figures (Apple M4 Pro, NEON, rank 2), another "
           "machine, for orientation only\n")  # fmt: skip
-    head = ["op", "d", "native from Python", "kernel alone (C loop)", "floor", "kernel / floor",
-            "loaded / stored, FLOPs", "NumPy", "PyTorch", "target (from Python)", "ruvLLM"]  # fmt: skip
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    for row in b.rows:
-        print("| " + " | ".join(row) + " |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timing budget per figure")
+    ap.add_argument("--only", default="ops,api,paths", help="comma-separated tables: ops, api, paths")
+    args = ap.parse_args()
+    tables = {t.strip() for t in args.only.split(",")}
+    info = native.info()
+    if not info["available"]:
+        print(f"native backend not available: {info['reason']}")
+        return 1
+    TIMER.adl_select_isa(info["isa"].encode())  # time the path the library runs
+    b = Bench(0.05 if args.quick else 0.25)
+    if "ops" in tables:
+        ruv_fwd = {768: "484 ns", 2048: "1.33 µs", 4096: "2.61 µs"}
+        ruv_acc = {768: "2.6 µs", 2048: "6.5 µs", 4096: "21.9 µs"}
+        fwd_target = {768: "<= 0.6 µs", 4096: "<= 1.0 µs"}
+        for r in (1, 2):
+            for d in (768, 2048, 4096):
+                bench_forward(b, r, d, fwd_target.get(d, "") if r == 2 else "",
+                              ruv_fwd[d] if r == 2 else "")  # fmt: skip
+        for d in (768, 2048, 4096):
+            bench_accumulate(b, d, "<= 2.0 µs" if d == 4096 else "", ruv_acc[d])
+        for d in (768, 4096):
+            bench_ewc(b, d)
+        bench_batched(b, "<= 1.0 µs")
+    api: list[list[str]] = []
+    if "api" in tables:
+        for r in (1, 2):
+            for d in (768, 4096):
+                api += bench_adapters(b, r, d) + bench_pool(b, r, d)
+    paths = bench_paths(b) if "paths" in tables else []
+
+    header(b, info)
+    if b.rows:
+        _table(["op", "d", "native from Python", "kernel alone (C loop)", "floor", "kernel / floor",
+                "loaded / stored, FLOPs", "NumPy", "PyTorch", "target (from Python)", "ruvLLM"], b.rows)
+    if api:
+        _table(["public API (native)", "d", "from Python", "kernel alone, same layout", "ratio", "overhead",
+                "target"], api)
+    if paths:
+        _table(["rank-2 forward at d = 768, called as", "per call", "over the kernel"], paths)
     return 0
 
 

@@ -4,12 +4,13 @@
 (``pip install .`` or ``pip install -e .``). To build by hand from the repo
 root: ``python native/build.py`` (writes the module into ``adalora_core/``).
 
-The declarations given to cffi are read from ``include/adalora_native.h`` and
-``include/adalora_native_py.h``, so the headers are the single description of
-the C API. The AVX2 code is compiled
-with ``__attribute__((target("avx2,fma")))`` per function, never a global
-``-mavx2``: the same binary runs on any x86-64 CPU and dispatch.c picks the
-path at load time.
+The declarations given to cffi are read from ``include/adalora_native.h``,
+so the header is the single description of the C API. The same shared
+library holds ``adalora_core._native_ops`` (``src/pyops.c``): the ops'
+Python entry points, which use NumPy's C API, hence NumPy's headers here.
+The AVX2 code is compiled with ``__attribute__((target("avx2,fma")))`` per
+function, never a global ``-mavx2``: the same binary runs on any x86-64 CPU
+and dispatch.c picks the path at load time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import sys
 import sysconfig
 
+import numpy
 from cffi import FFI
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,18 +36,10 @@ def _rel(*parts: str) -> str:
         return path
 
 
-SOURCES = [
-    _rel("src", name)
-    for name in ("scalar.c", "avx2.c", "neon.c", "dispatch.c", "bench.c", "pyfast.c")
-]
-HEADERS = ["adalora_native.h", "adalora_native_py.h"]
+KERNEL_SOURCES = [_rel("src", name) for name in ("scalar.c", "avx2.c", "neon.c", "dispatch.c")]
+HEADER = _rel("include", "adalora_native.h")
+INTERNAL_HEADERS = [_rel("src", "kernels.h"), _rel("src", "impl_common.h")]
 INCLUDE_DIRS = [_rel("include"), _rel("src")]
-# rebuild when these change; setuptools also ships them in an sdist
-DEPENDS = [_rel("include", h) for h in HEADERS] + [
-    _rel("src", "kernels.h"),
-    _rel("src", "impl_common.h"),
-    _rel("build.py"),
-]
 
 if sys.platform == "win32":
     EXTRA_COMPILE_ARGS: list[str] = ["/O2"]
@@ -74,23 +68,23 @@ def cdef_from_header(path: str) -> str:
     return "\n".join(lines)
 
 
-def _build_info() -> str:
+def build_info() -> str:
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     flags = " ".join(EXTRA_COMPILE_ARGS)
     return f"{cc} {flags}; avx2.c per-function target(avx2,fma)".replace('"', "'")
 
 
 ffibuilder = FFI()
-for _header in HEADERS:
-    ffibuilder.cdef(cdef_from_header(os.path.join(_HERE, "include", _header)))
+ffibuilder.cdef(cdef_from_header(os.path.join(_HERE, "include", "adalora_native.h")))
 ffibuilder.set_source(
     "adalora_core._native",
-    "".join(f'#include "{h}"\n' for h in HEADERS),
-    sources=SOURCES,
-    include_dirs=INCLUDE_DIRS,
-    define_macros=[("ADL_BUILD_INFO", '"' + _build_info() + '"')],
+    '#include "adalora_native.h"\n',
+    sources=[*KERNEL_SOURCES, _rel("src", "pyops.c")],
+    include_dirs=[*INCLUDE_DIRS, numpy.get_include()],
+    define_macros=[("ADL_BUILD_INFO", '"' + build_info() + '"')],
     extra_compile_args=EXTRA_COMPILE_ARGS,
-    depends=DEPENDS,
+    depends=[HEADER, *INTERNAL_HEADERS, _rel("build.py")],  # rebuild when these change
+    py_limited_api=False,  # pyops.c uses NumPy's C API, which the stable ABI does not cover
     optional=True,  # a failed compile warns; the package falls back to numpy
 )
 

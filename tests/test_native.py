@@ -1,14 +1,16 @@
 """The native backend's C ops against plain NumPy float64 formulas.
 
 Every op runs on every kernel path this machine has (scalar, avx2, neon),
-through both the one-call fast path and the checked path, on awkward sizes
-and both A layouts; every bad input must raise a clear error and write
-nothing. Skipped when the C extension is not built.
+on awkward sizes and both A layouts; every bad input must raise a clear
+error and write nothing. Skipped when the C extension is not built.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import inspect
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -32,40 +34,9 @@ def isa(request):
     native.select_isa(before)
 
 
-# "fast": the public op (one-call entry point); "checked": the validating path
-# "fast": the public op (one argument tuple to C); "per-arg": the fallback
-# with per-argument conversion; "checked": the validating path
-PATHS = {
-    "fast": {
-        "lora_forward_add": native.lora_forward_add,
-        "lora_accumulate": native.lora_accumulate,
-        "lora_apply": native.lora_apply,
-        "lora_apply_ewc": native.lora_apply_ewc,
-        "lora_forward_add_batched": native.lora_forward_add_batched,
-        "triplet_forward_add": native.triplet_forward_add,
-    },
-    "per-arg": {
-        "lora_forward_add": native._lora_forward_add_declined,
-        "lora_accumulate": native._lora_accumulate_declined,
-        "lora_apply": native._lora_apply_declined,
-        "lora_apply_ewc": native._lora_apply_ewc_declined,
-        "lora_forward_add_batched": native._lora_forward_add_batched_declined,
-        "triplet_forward_add": native._triplet_forward_add_declined,
-    },
-    "checked": {
-        "lora_forward_add": native._checked_forward_add,
-        "lora_accumulate": native._checked_accumulate,
-        "lora_apply": native._checked_apply,
-        "lora_apply_ewc": native._checked_apply_ewc,
-        "lora_forward_add_batched": native._checked_forward_add_batched,
-        "triplet_forward_add": native._checked_triplet,
-    },
-}
-
-
-@pytest.fixture(params=list(PATHS))
-def ops(request):
-    return PATHS[request.param]
+@pytest.fixture
+def ops():
+    return native.OPS
 
 
 def f32(rng, *shape):
@@ -208,33 +179,6 @@ def test_forward_add_batched(isa, ops, in_f, out_f, r, per_adapter_scale, layout
         bound[b] = abs(s[b]) * (np.abs(x64) @ np.abs(A64)) @ np.abs(B64)
     ops["lora_forward_add_batched"](x, A_stack, B_stack, scaling, idx, out)
     assert_close(out, want, bound, in_f + r + 4)
-
-
-@pytest.mark.parametrize("in_f,out_f", SHAPES)
-@pytest.mark.parametrize("r", [1, 2, 7, 12, 40])
-@pytest.mark.parametrize("batch", [None, 3])
-@pytest.mark.parametrize("e_shape", ["flat", "column"])
-def test_triplet_forward_add(isa, ops, in_f, out_f, r, batch, e_shape):
-    rng = np.random.default_rng(in_f + 3 * r)
-    shape_x = (in_f,) if batch is None else (batch, in_f)
-    x, out = f32(rng, *shape_x), f32(rng, *shape_x[:-1], out_f)
-    A, E, B = f32(rng, r, in_f), f32(rng, r), f32(rng, out_f, r)
-    s = 1.25
-    x64, A64, E64, B64 = (a.astype(np.float64) for a in (x, A, E, B))
-    want = out + s * ((x64 @ A64.T) * E64) @ B64.T
-    bound = s * ((np.abs(x64) @ np.abs(A64).T) * np.abs(E64)) @ np.abs(B64).T
-    ops["triplet_forward_add"](x, A, E[:, None] if e_shape == "column" else E, B, s, out)
-    assert_close(out, want, bound, in_f + r + 6)
-
-
-def test_triplet_matches_peft_formula():
-    """Same as PEFT's AdaLoRA: (x @ (A * E).T @ B.T) * scaling."""
-    rng = np.random.default_rng(0)
-    x, A, E, B = f32(rng, 5, 33), f32(rng, 6, 33), f32(rng, 6, 1), f32(rng, 20, 6)
-    out = np.zeros((5, 20), np.float32)
-    native.triplet_forward_add(x, A, E, B, 0.3, out)
-    want = (x.astype(np.float64) @ (A * E).astype(np.float64).T @ B.astype(np.float64).T) * 0.3
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
@@ -535,12 +479,11 @@ def _batched_args(rng, n=5, m=3, in_f=16, r=2, out_f=8):
 
 
 @pytest.mark.parametrize("bad,pos", [(3, 2), (-1, 0), (10**12, 4)])
-@pytest.mark.parametrize("path", list(PATHS))
-def test_batched_index_out_of_range(bad, pos, path):
+def test_batched_index_out_of_range(bad, pos):
     args = _batched_args(np.random.default_rng(12))
     args[4][pos] = bad
     _untouched(
-        PATHS[path]["lora_forward_add_batched"],
+        native.lora_forward_add_batched,
         args,
         5,
         ValueError,
@@ -585,38 +528,7 @@ def test_batched_accepts_int32_idx():
     np.testing.assert_array_equal(a[5], want)
 
 
-def test_triplet_rejects():
-    rng = np.random.default_rng(15)
-    x, A, E, B = f32(rng, 16), f32(rng, 4, 16), f32(rng, 4), f32(rng, 8, 4)
-    op = native.triplet_forward_add
-    out = np.zeros(8, np.float32)
-    _untouched(op, [x, A, f32(rng, 3), B, 1.0, out], 5, ValueError, r"E must be \(r,\) or \(r, 1\)")
-    _untouched(op, [x, A, E, f32(rng, 8, 5), 1.0, out], 5, ValueError, r"B must be \(out, r\)")
-    _untouched(op, [f32(rng, 15), A, E, B, 1.0, out], 5, ValueError, "x has 15 features")
-    _untouched(
-        op,
-        [x, np.asfortranarray(f32(rng, 4, 16)), E, B, 1.0, out],
-        5,
-        ValueError,
-        "A must be C-contiguous",
-    )
-    _untouched(
-        op,
-        [
-            x,
-            np.zeros((0, 16), np.float32),
-            np.zeros(0, np.float32),
-            np.zeros((8, 0), np.float32),
-            1.0,
-            out,
-        ],
-        5,
-        ValueError,
-        "unsupported rank 0",
-    )
-
-
-def test_subclass_takes_checked_path():
+def test_subclasses_are_accepted():
     class Sub(np.ndarray):
         pass
 
@@ -644,7 +556,6 @@ def test_backend_registers_ops():
         "lora_apply",
         "lora_apply_ewc",
         "lora_forward_add_batched",
-        "triplet_forward_add",
     }
     assert be.op("lora_forward_add", None) is native.lora_forward_add
     assert isinstance(be.zeros((2,)), np.ndarray)
@@ -656,67 +567,34 @@ def test_info():
     assert i["isa"] in ISAS and i["isa"] in i["supported_isas"]
     assert "scalar" in i["supported_isas"]
     assert isinstance(i["build"], str) and i["build"]
-    assert i["fast_path"] is (sys.implementation.name == "cpython")
+    assert i["module"].endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
-@pytest.mark.skipif(not native.info()["fast_path"], reason="object-address fast path is off here")
-def test_fast_path_takes_the_common_cases():
-    """Plain float32 arrays never fall back to the (slower) checked path."""
+def test_ops_return_their_outputs():
+    """Like the core's Array API defaults: the updated outputs, here the arrays passed in."""
     rng = np.random.default_rng(17)
     x, A, B, out = f32(rng, 3, 64), f32(rng, 64, 2), f32(rng, 2, 32), np.zeros((3, 32), np.float32)
-    assert native._py_forward_add(id(x), id(A), id(B), 0.5, id(out)) == 0
-    assert native._py_forward_add(id(x[0]), id(rank_major(A)), id(B), 0.5, id(out[1])) == 0
+    assert native.lora_forward_add(x, A, B, 0.5, out) is out
     g, gA, gB = f32(rng, 3, 32), np.zeros_like(A), np.zeros_like(B)
-    assert native._py_accumulate(id(x), id(g), id(A), id(B), 1.0, 1.0, id(gA), id(gB)) == 0
-    assert native._py_apply(id(A), id(gA), 0.1) == 0
-    assert (
-        native._py_apply_ewc(
-            id(A), id(gA), 1.0, 0.1, 1.0, id(np.zeros_like(A)), id(A.copy()), 0.9, 1, 1
-        )
-        == 0
-    )
-    As, Bs, idx = f32(rng, 4, 64, 2), f32(rng, 4, 2, 32), np.array([3, 0, 1], np.int64)
-    assert native._py_batched(id(x), id(As), id(Bs), 0.5, 0, id(idx), id(out)) == -1
-    idx[1] = 4
-    assert native._py_batched(id(x), id(As), id(Bs), 0.5, 0, id(idx), id(out)) == 1
-    At, E, Bt = f32(rng, 5, 64), f32(rng, 5, 1), f32(rng, 32, 5)
-    assert native._py_triplet(id(x), id(At), id(E), id(Bt), 0.5, id(out)) == 0
-    # the argument-tuple entry points (what the public ops call first)
+    got = native.lora_accumulate(x, g, A, B, 1.0, 1.0, gA, gB)
+    assert type(got) is tuple and got[0] is gA and got[1] is gB
+    got = native.lora_apply(A, gA, 0.1)
+    assert got[0] is A and got[1] is gA
     F, opt = np.zeros_like(A), A.copy()
-    idx[1] = 2
-    for fn, t, done in [
-        (native._pyt_forward_add, (x, A, B, 0.5, out), 0),
-        (native._pyt_accumulate, (x, g, A, B, 1.0, 0.5, gA, gB), 0),
-        (native._pyt_apply, (A, gA, 0.1), 0),
-        (native._pyt_apply_ewc, (A, gA, 1.0, 0.1, 1.0, F, opt, 0.9, True, False), 0),
-        (native._pyt_batched, (x, As, Bs, 0.5, idx, out), -1),
-        (native._pyt_batched, (x, As, Bs, np.ones(4, np.float32), idx, out), -1),
-        (native._pyt_triplet, (x, At, E, Bt, 0.5, out), 0),
-    ]:
-        assert fn(id(t)) == done, fn
-    # anything but exact floats and True/False is left to the per-argument path
-    for t in [(x, A, B, 1, out), (x, A, B, np.float32(0.5), out), (x, A, B, 0.5)]:
-        assert native._pyt_forward_add(id(t)) == 1
-    t = (A, gA, 1.0, 0.1, 1.0, F, opt, 0.9, 1, True)
-    assert native._pyt_apply_ewc(id(t)) == 1
+    got = native.lora_apply_ewc(A, gA, 1.0, 0.1, 1.0, F, opt, 0.9, True, False)
+    assert got[0] is A and got[1] is gA and got[2] is F
+    As, Bs, idx = f32(rng, 4, 64, 2), f32(rng, 4, 2, 32), np.array([3, 0, 1], np.int64)
+    assert native.lora_forward_add_batched(x, As, Bs, 0.5, idx, out) is out
 
 
-@pytest.mark.skipif(not native.info()["fast_path"], reason="object-address fast path is off here")
-def test_fast_path_declines_without_writing():
-    rng = np.random.default_rng(18)
-    x, A, B = f32(rng, 64), f32(rng, 64, 2), f32(rng, 2, 32)
-    out = np.zeros(32, np.float32)
-    for args in [
-        (x.astype(np.float64), A, B, out),
-        (x[::2], A[::2], B, out),
-        (x, A, B, out[None]),
-        (x, A, B, np.zeros(33, np.float32)),
-        ([0.0] * 64, A, B, out),
-        (x, A, B, object()),
-        (x, A, B, x[:32]),  # overlaps x
-    ]:
-        assert native._py_forward_add(*(id(a) for a in args[:3]), 1.0, id(args[3])) == 1
-    assert not out.any()
+def test_ops_are_one_c_function_each():
+    for name, op in native.OPS.items():
+        assert type(op).__name__ == "builtin_function_or_method" and op.__name__ == name
+        assert op.__module__ == "adalora_core._native_ops"
+        assert inspect.signature(op).parameters  # the documented positional signature
+    with pytest.raises(TypeError, match=r"lora_forward_add\(x, A, B, scaling, out\) takes 5 arguments, got 4"):
+        native.lora_forward_add(*_fwd_args(np.random.default_rng(18))[:4])
+    assert pickle.loads(pickle.dumps(native.lora_apply)) is native.lora_apply
 
 
 def test_select_isa_errors():

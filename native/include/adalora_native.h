@@ -56,17 +56,6 @@ const char *adl_build_info(void);
 void adl_lora_forward_add(const float *x, size_t n, size_t in,
                           const float *A, int a_layout, size_t r,
                           const float *B, size_t out_f, float s, float *out);
-/* The specialised kernels behind it (n >= 1 rows). */
-void adl_lora_forward_add_r1(const float *x, size_t n, size_t in,
-                             const float *A, const float *B, size_t out_f,
-                             float s, float *out);
-void adl_lora_forward_add_r2(const float *x, size_t n, size_t in,
-                             const float *A, int a_layout, const float *B,
-                             size_t out_f, float s, float *out);
-void adl_lora_forward_add_rn(const float *x, size_t n, size_t in,
-                             const float *A, int a_layout, size_t r,
-                             const float *B, size_t out_f, float s, float *out);
-
 /* Many adapters at once: for b in range(n):
  *   out[b] += s[idx[b]] * (x[b] @ A_stack[idx[b]]) @ B_stack[idx[b]]
  * A_stack (m, in, r) in `a_layout` per adapter (adapter stride in*r floats),
@@ -79,13 +68,6 @@ int64_t adl_lora_forward_add_batched(const float *x, size_t n, size_t in,
                                      size_t out_f, size_t m,
                                      const int64_t *idx, const float *scales,
                                      float s, float *out);
-
-/* AdaLoRA SVD-triplet forward for inference, n rows:
- *   out[b] += s * B @ (E * (A @ x[b]))
- * A (r, in) row-major, E (r,), B (out_f, r) row-major. */
-void adl_triplet_forward_add(const float *x, size_t n, size_t in,
-                             const float *A, const float *E, size_t r,
-                             const float *B, size_t out_f, float s, float *out);
 
 /* ---- LoRA training ----------------------------------------------------- */
 
@@ -113,32 +95,6 @@ void adl_apply(float *param, float *grad, size_t count, float lr);
 void adl_apply_ewc(float *param, float *grad, size_t count, float inv_count,
                    float lr, float lam, float *fisher, const float *optimal,
                    float decay, int proximal, int update_fisher);
-
-/* ---- benchmark helpers ------------------------------------------------- */
-
-/* Average nanoseconds per call of the active forward kernel (n = 1), timed
- * in a C loop of `iters` calls (clock_gettime, monotonic). */
-double adl_bench_forward_add(const float *x, size_t in, const float *A,
-                             int a_layout, size_t r, const float *B,
-                             size_t out_f, float s, float *out, size_t iters);
-/* Same for accumulate (n = 1). */
-double adl_bench_accumulate(const float *x, const float *grad_out, size_t in,
-                            size_t out_f, const float *A, int a_layout,
-                            size_t r, const float *B, float c, float *gA,
-                            float *gB, size_t iters);
-/* Same for apply_ewc (proximal, update_fisher). */
-double adl_bench_apply_ewc(float *param, float *grad, size_t count,
-                           float *fisher, const float *optimal, size_t iters);
-/* Same for the batched forward. */
-double adl_bench_forward_add_batched(const float *x, size_t n, size_t in,
-                                     const float *A_stack, size_t r,
-                                     const float *B_stack, size_t out_f,
-                                     size_t m, const int64_t *idx, float s,
-                                     float *out, size_t iters);
-/* Nanoseconds per pass of a read-only sweep over n floats (8 independent
- * vector sums on the SIMD paths): the load bandwidth available at that
- * footprint, for the benchmark's floors. */
-double adl_bench_read(const float *p, size_t n, size_t iters);
 
 #ifdef __cplusplus
 }

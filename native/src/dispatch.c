@@ -110,26 +110,6 @@ void adl_lora_forward_add(const float *x, size_t n, size_t in, const float *A,
         k->fwd_rn(x, n, in, A, a_layout, r, B, out_f, s, out);
 }
 
-void adl_lora_forward_add_r1(const float *x, size_t n, size_t in,
-                             const float *A, const float *B, size_t out_f,
-                             float s, float *out) {
-    K->fwd_r1(x, n, in, A, B, out_f, s, out);
-}
-
-void adl_lora_forward_add_r2(const float *x, size_t n, size_t in,
-                             const float *A, int a_layout, const float *B,
-                             size_t out_f, float s, float *out) {
-    K->fwd_r2(x, n, in, A, a_layout, B, out_f, s, out);
-}
-
-void adl_lora_forward_add_rn(const float *x, size_t n, size_t in,
-                             const float *A, int a_layout, size_t r,
-                             const float *B, size_t out_f, float s,
-                             float *out) {
-    if (r > 0)
-        K->fwd_rn(x, n, in, A, a_layout, r, B, out_f, s, out);
-}
-
 int64_t adl_lora_forward_add_batched(const float *x, size_t n, size_t in,
                                      const float *A_stack, int a_layout,
                                      size_t r, const float *B_stack,
@@ -159,14 +139,6 @@ int64_t adl_lora_forward_add_batched(const float *x, size_t n, size_t in,
                       B_stack + a * b_step, out_f, sb, ob);
     }
     return -1;
-}
-
-void adl_triplet_forward_add(const float *x, size_t n, size_t in,
-                             const float *A, const float *E, size_t r,
-                             const float *B, size_t out_f, float s,
-                             float *out) {
-    if (r > 0)
-        K->triplet(x, n, in, A, E, r, B, out_f, s, out);
 }
 
 void adl_lora_accumulate(const float *x, const float *grad_out, size_t n,

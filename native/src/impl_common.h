@@ -70,23 +70,6 @@ static ADL_TARGET void hb_chunk(float *out, const float *Bk, size_t out_f,
         axpy1(out, Bk + k * out_f, c[k], out_f);
 }
 
-/* out[j] += sum_k B[j*ldb + k] * g[k], k < kc: B's rows hold the ranks. */
-static ADL_TARGET void bt_chunk(float *out, const float *B, size_t ldb,
-                                size_t out_f, size_t kc, const float *g) {
-    if (kc >= 16) {
-        for (size_t j = 0; j < out_f; ++j)
-            out[j] += dot1(B + j * ldb, g, kc);
-        return;
-    }
-    for (size_t j = 0; j < out_f; ++j) {
-        const float *row = B + j * ldb;
-        float t = 0.0f;
-        for (size_t k = 0; k < kc; ++k)
-            t += row[k] * g[k];
-        out[j] += t;
-    }
-}
-
 static ADL_TARGET void k_fwd_r1(const float *x, size_t n, size_t in,
                                 const float *A, const float *B, size_t out_f,
                                 float s, float *out) {
@@ -121,22 +104,6 @@ static ADL_TARGET void k_fwd_rn(const float *x, size_t n, size_t in,
             for (size_t k = 0; k < kc; ++k)
                 h[k] *= s;
             hb_chunk(out + b * out_f, B + k0 * out_f, out_f, kc, h);
-        }
-    }
-}
-
-static ADL_TARGET void k_triplet(const float *x, size_t n, size_t in,
-                                 const float *A, const float *E, size_t r,
-                                 const float *B, size_t out_f, float s,
-                                 float *out) {
-    float g[ADL_RCHUNK];
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t k0 = 0; k0 < r; k0 += ADL_RCHUNK) {
-            const size_t kc = adl_min(ADL_RCHUNK, r - k0);
-            xa_chunk(x + b * in, in, A, ADL_RANK_MAJOR, r, k0, kc, g);
-            for (size_t k = 0; k < kc; ++k)
-                g[k] *= s * E[k0 + k];
-            bt_chunk(out + b * out_f, B + k0, r, out_f, kc, g);
         }
     }
 }
@@ -191,6 +158,5 @@ static ADL_TARGET void k_accumulate(const float *x, const float *grad_out,
 }
 
 ADL_INTERNAL const adl_kernels ADL_TABLE_NAME = {
-    ADL_PATH_NAME, k_fwd_r1, k_fwd_r2, k_fwd_rn, k_triplet,
-    k_accumulate,  k_apply,  k_apply_ewc,
+    ADL_PATH_NAME, k_fwd_r1, k_fwd_r2, k_fwd_rn, k_accumulate, k_apply, k_apply_ewc,
 };

@@ -38,9 +38,6 @@ typedef struct adl_kernels {
     void (*fwd_rn)(const float *x, size_t n, size_t in, const float *A,
                    int a_layout, size_t r, const float *B, size_t out_f,
                    float s, float *out);
-    void (*triplet)(const float *x, size_t n, size_t in, const float *A,
-                    const float *E, size_t r, const float *B, size_t out_f,
-                    float s, float *out);
     void (*accumulate)(const float *x, const float *grad_out, size_t n,
                        size_t in, size_t out_f, const float *A, int a_layout,
                        size_t r, const float *B, float c, float *gA,

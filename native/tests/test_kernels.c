@@ -16,8 +16,6 @@
 #include <string.h>
 
 #include "../src/kernels.h"
-#include "adalora_native_py.h"
-#include <stddef.h>
 
 static const size_t SIZES[] = {1, 7, 15, 16, 17, 767, 768, 4096, 4097};
 #define NSIZES (sizeof SIZES / sizeof SIZES[0])
@@ -194,44 +192,6 @@ static void test_forward(const adl_kernels *K, const adl_kernels *S, size_t in,
     free(want);
     free(tol);
     bfree(x), bfree(A), bfree(B), bfree(o), bfree(oK), bfree(oS);
-}
-
-static void test_triplet(const adl_kernels *K, const adl_kernels *S, size_t in,
-                         size_t out_f, size_t r, size_t n, size_t off) {
-    CTX("%s triplet in=%zu out=%zu r=%zu n=%zu off=%zu", K->name, in, out_f, r, n, off);
-    buf x = balloc(n * in, off), A = balloc(r * in, off), E = balloc(r, off);
-    buf B = balloc(out_f * r, off), o = balloc(n * out_f, off);
-    buf oK = bcopy(o, off), oS = bcopy(o, 0);
-    const float s = 1.25f;
-    double *want = malloc(n * out_f * sizeof *want), *tol = malloc(n * out_f * sizeof *tol);
-    double *g = malloc(r * sizeof *g), *ga = malloc(r * sizeof *ga);
-    for (size_t b = 0; b < n; ++b) {
-        for (size_t k = 0; k < r; ++k) {
-            g[k] = ga[k] = 0.0;
-            for (size_t i = 0; i < in; ++i) {
-                g[k] += (double)A.p[k * in + i] * x.p[b * in + i];
-                ga[k] += fabs((double)A.p[k * in + i] * x.p[b * in + i]);
-            }
-            g[k] *= E.p[k];
-            ga[k] *= fabs(E.p[k]);
-        }
-        for (size_t j = 0; j < out_f; ++j) {
-            double t = 0.0, ta = 0.0;
-            for (size_t k = 0; k < r; ++k) {
-                t += B.p[j * r + k] * g[k];
-                ta += fabs(B.p[j * r + k]) * ga[k];
-            }
-            const double o0 = o.p[b * out_f + j];
-            want[b * out_f + j] = o0 + s * t;
-            tol[b * out_f + j] = 2.0 * EPS32 * (double)(in + r + 6) * (fabs(s) * ta + fabs(o0)) + 1e-30;
-        }
-    }
-    K->triplet(x.p, n, in, A.p, E.p, r, B.p, out_f, s, oK.p);
-    S->triplet(x.p, n, in, A.p, E.p, r, B.p, out_f, s, oS.p);
-    check_close("triplet vs double", oS.p, want, tol, n * out_f);
-    check_paths("triplet vs scalar", oK.p, oS.p, tol, n * out_f);
-    free(want), free(tol), free(g), free(ga);
-    bfree(x), bfree(A), bfree(E), bfree(B), bfree(o), bfree(oK), bfree(oS);
 }
 
 static void test_accumulate(const adl_kernels *K, const adl_kernels *S, size_t in,
@@ -481,254 +441,11 @@ static void test_dispatch(void) {
     check(adl_build_info() != NULL && adl_build_info()[0] != '\0', "build info");
 }
 
-/* ---- the object-address entry points (pyfast.c) on fake array headers ---- */
-
-typedef struct {
-    intptr_t refcnt, type;
-    char *data;
-    int nd;
-    intptr_t *dims, *strides;
-    void *base;
-    intptr_t descr;
-    int flags;
-    intptr_t dimbuf[3], stridebuf[3];
-} fakearr;
-
-static char g_type_tag, g_f32_tag, g_i64_tag, g_other_tag, g_tuple_tag, g_float_tag;
-static char g_true, g_false;
-
-typedef struct {
-    intptr_t refcnt, type, size;
-    intptr_t items[10];
-} faketuple;
-typedef struct {
-    intptr_t refcnt, type;
-    double value;
-} fakefloat;
-
-static faketuple tup(int n, const intptr_t *items) {
-    faketuple t;
-    memset(&t, 0, sizeof t);
-    t.type = (intptr_t)&g_tuple_tag;
-    t.size = n;
-    memcpy(t.items, items, (size_t)n * sizeof *items);
-    return t;
-}
-static fakefloat flt(double v) {
-    fakefloat f = {0, (intptr_t)&g_float_tag, v};
-    return f;
-}
-enum { FC = 1, FF = 2, FAL = 0x100, FW = 0x400 };
-
-static fakearr fake(void *data, int nd, size_t d0, size_t d1, size_t d2, intptr_t descr) {
-    fakearr a;
-    memset(&a, 0, sizeof a);
-    a.type = (intptr_t)&g_type_tag;
-    a.data = data;
-    a.nd = nd;
-    a.dims = a.dimbuf;
-    a.strides = a.stridebuf;
-    a.dimbuf[0] = (intptr_t)d0, a.dimbuf[1] = (intptr_t)d1, a.dimbuf[2] = (intptr_t)d2;
-    a.descr = descr;
-    a.flags = FC | FAL | FW | ((nd <= 1 || (nd == 2 && (d0 == 1 || d1 == 1))) ? FF : 0);
-    return a;
-}
-/* the header's dims/strides point into the struct itself: refresh after a copy */
-static intptr_t own(fakearr *a) {
-    a->dims = a->dimbuf;
-    a->strides = a->stridebuf;
-    return (intptr_t)a;
-}
-#define ID(a) own(&(a))
-
-static void test_pyfast(void) {
-    CTX("pyfast");
-    adl_pylayout L;
-    memset(&L, 0, sizeof L);
-    L.off_type = offsetof(fakearr, type);
-    L.off_data = offsetof(fakearr, data);
-    L.off_nd = offsetof(fakearr, nd);
-    L.off_dims = offsetof(fakearr, dims);
-    L.off_strides = offsetof(fakearr, strides);
-    L.off_descr = offsetof(fakearr, descr);
-    L.off_flags = offsetof(fakearr, flags);
-    L.flag_c_contiguous = FC, L.flag_f_contiguous = FF, L.flag_aligned = FAL, L.flag_writeable = FW;
-    L.ndarray_type = (intptr_t)&g_type_tag;
-    L.f32_descr = (intptr_t)&g_f32_tag;
-    L.i64_descr = (intptr_t)&g_i64_tag;
-    L.off_tuple_size = offsetof(faketuple, size);
-    L.off_tuple_items = offsetof(faketuple, items);
-    L.off_float_value = offsetof(fakefloat, value);
-    L.tuple_type = (intptr_t)&g_tuple_tag;
-    L.float_type = (intptr_t)&g_float_tag;
-    L.true_obj = (intptr_t)&g_true;
-    L.false_obj = (intptr_t)&g_false;
-    const intptr_t F32 = (intptr_t)&g_f32_tag, I64 = (intptr_t)&g_i64_tag;
-    const size_t n = 3, in = 17, r = 2, out_f = 9;
-    buf x = balloc(n * in, 1), A = balloc(in * r, 0), B = balloc(r * out_f, 1);
-    buf o = balloc(n * out_f, 0), o2 = bcopy(o, 0);
-    fakearr fx = fake(x.p, 2, n, in, 0, F32), fA = fake(A.p, 2, in, r, 0, F32);
-    fakearr fB = fake(B.p, 2, r, out_f, 0, F32), fo = fake(o.p, 2, n, out_f, 0, F32);
-
-    adl_py_init(&L, 0);
-    check(adl_py_forward_add(ID(fx), ID(fA), ID(fB), 0.5, ID(fo)) == ADL_PY_DECLINED, "pyfast off declines");
-    adl_py_init(&L, 1);
-    int64_t probe[9];
-    adl_py_probe(ID(fA), probe);
-    check(probe[0] == (int64_t)(intptr_t)A.p && probe[1] == 2 && probe[2] == (int64_t)in &&
-          probe[3] == (int64_t)r && probe[6] == F32 && probe[8] == (int64_t)(intptr_t)&g_type_tag,
-          "pyfast probe reads the header");
-    check(adl_py_forward_add(ID(fx), ID(fA), ID(fB), 0.5, ID(fo)) == ADL_PY_DONE, "pyfast forward done");
-    adl_lora_forward_add(x.p, n, in, A.p, ADL_ROW_MAJOR, r, B.p, out_f, 0.5f, o2.p);
-    check(memcmp(o.p, o2.p, n * out_f * sizeof(float)) == 0, "pyfast forward == direct call");
-
-    /* everything unusual is declined and nothing is written */
-    memcpy(o2.p, o.p, n * out_f * sizeof(float));
-    fakearr bad;
-    bad = fx, bad.descr = (intptr_t)&g_other_tag;
-    check(adl_py_forward_add(ID(bad), ID(fA), ID(fB), 0.5, ID(fo)) == 1, "declines other dtype");
-    bad = fx, bad.type = (intptr_t)&g_other_tag;
-    check(adl_py_forward_add(ID(bad), ID(fA), ID(fB), 0.5, ID(fo)) == 1, "declines other type");
-    bad = fx, bad.flags = FAL;
-    check(adl_py_forward_add(ID(bad), ID(fA), ID(fB), 0.5, ID(fo)) == 1, "declines non-contiguous");
-    bad = fo, bad.flags &= ~FW;
-    check(adl_py_forward_add(ID(fx), ID(fA), ID(fB), 0.5, ID(bad)) == 1, "declines read-only out");
-    bad = fx, bad.dimbuf[1] = (intptr_t)in - 1;
-    check(adl_py_forward_add(ID(bad), ID(fA), ID(fB), 0.5, ID(fo)) == 1, "declines in mismatch");
-    bad = fo, bad.dimbuf[0] = (intptr_t)n - 1;
-    check(adl_py_forward_add(ID(fx), ID(fA), ID(fB), 0.5, ID(bad)) == 1, "declines row mismatch");
-    bad = fA, bad.dimbuf[1] = 0;
-    check(adl_py_forward_add(ID(fx), ID(bad), ID(fB), 0.5, ID(fo)) == 1, "declines rank 0");
-    bad = fake(x.p + 4, 2, n, out_f, 0, F32);
-    check(adl_py_forward_add(ID(fx), ID(fA), ID(fB), 0.5, ID(bad)) == 1, "declines overlap");
-    check(adl_py_forward_add(0, ID(fA), ID(fB), 0.5, ID(fo)) == 1, "declines NULL");
-    check(memcmp(o.p, o2.p, n * out_f * sizeof(float)) == 0, "declined calls write nothing");
-
-    /* accumulate, apply, apply_ewc, triplet, batched against direct calls */
-    buf g = balloc(n * out_f, 1), gA = balloc(in * r, 0), gB = balloc(r * out_f, 0);
-    buf gA2 = bcopy(gA, 0), gB2 = bcopy(gB, 0);
-    fakearr fg = fake(g.p, 2, n, out_f, 0, F32), fgA = fake(gA.p, 2, in, r, 0, F32);
-    fakearr fgB = fake(gB.p, 2, r, out_f, 0, F32);
-    check(adl_py_accumulate(ID(fx), ID(fg), ID(fA), ID(fB), 0.5, -2.0, ID(fgA), ID(fgB)) == 0,
-          "pyfast accumulate done");
-    adl_lora_accumulate(x.p, g.p, n, in, out_f, A.p, ADL_ROW_MAJOR, r, B.p, -1.0f, gA2.p,
-                        ADL_ROW_MAJOR, gB2.p);
-    check(memcmp(gA.p, gA2.p, in * r * sizeof(float)) == 0 &&
-              memcmp(gB.p, gB2.p, r * out_f * sizeof(float)) == 0,
-          "pyfast accumulate == direct call");
-    check(adl_py_accumulate(ID(fx), ID(fg), ID(fA), ID(fB), 0.5, -2.0, ID(fA), ID(fgB)) == 1,
-          "accumulate declines gA overlapping A");
-
-    buf p = balloc(in * r, 0), p2 = bcopy(p, 0), F = balloc(in * r, 0), opt = balloc(in * r, 0);
-    for (size_t i = 0; i < in * r; ++i)
-        F.p[i] = fabsf(F.p[i]);
-    buf F2 = bcopy(F, 0), gq = bcopy(gA, 0), gq2 = bcopy(gA, 0);
-    fakearr fp = fake(p.p, 2, in, r, 0, F32), fF = fake(F.p, 2, in, r, 0, F32);
-    fakearr fopt = fake(opt.p, 2, in, r, 0, F32), fgq = fake(gq.p, 2, in, r, 0, F32);
-    check(adl_py_apply_ewc(ID(fp), ID(fgq), 0.5, 0.1, 1.0, ID(fF), ID(fopt), 0.9, 1, 1) == 0,
-          "pyfast apply_ewc done");
-    adl_apply_ewc(p2.p, gq2.p, in * r, 0.5f, 0.1f, 1.0f, F2.p, opt.p, 0.9f, 1, 1);
-    check(memcmp(p.p, p2.p, in * r * sizeof(float)) == 0 &&
-              memcmp(F.p, F2.p, in * r * sizeof(float)) == 0,
-          "pyfast apply_ewc == direct call");
-    memcpy(gq.p, gA.p, in * r * sizeof(float));
-    check(adl_py_apply(ID(fp), ID(fgq), 0.1) == 0 && gq.p[0] == 0.0f, "pyfast apply done");
-    fakearr fshort = fake(gq.p, 2, in, r - 1, 0, F32);
-    check(adl_py_apply(ID(fp), ID(fshort), 0.1) == 1, "apply declines shape mismatch");
-
-    buf At = balloc(r * in, 0), E = balloc(r, 0), Bt = balloc(out_f * r, 0);
-    buf ot = balloc(n * out_f, 0), ot2 = bcopy(ot, 0);
-    fakearr fAt = fake(At.p, 2, r, in, 0, F32), fE = fake(E.p, 2, r, 1, 0, F32);
-    fakearr fBt = fake(Bt.p, 2, out_f, r, 0, F32), fot = fake(ot.p, 2, n, out_f, 0, F32);
-    check(adl_py_triplet_forward_add(ID(fx), ID(fAt), ID(fE), ID(fBt), 1.5, ID(fot)) == 0,
-          "pyfast triplet done");
-    adl_triplet_forward_add(x.p, n, in, At.p, E.p, r, Bt.p, out_f, 1.5f, ot2.p);
-    check(memcmp(ot.p, ot2.p, n * out_f * sizeof(float)) == 0, "pyfast triplet == direct call");
-
-    const size_t m = 2;
-    buf As = balloc(m * in * r, 0), Bs = balloc(m * r * out_f, 0);
-    buf ob = balloc(n * out_f, 0), ob2 = bcopy(ob, 0);
-    int64_t idx[3] = {1, 0, 1};
-    fakearr fAs = fake(As.p, 3, m, in, r, F32), fBs = fake(Bs.p, 3, m, r, out_f, F32);
-    fakearr fidx = fake(idx, 1, n, 0, 0, I64), fob = fake(ob.p, 2, n, out_f, 0, F32);
-    check(adl_py_forward_add_batched(ID(fx), ID(fAs), ID(fBs), 0.5, 0, ID(fidx), ID(fob)) == -1,
-          "pyfast batched done");
-    adl_lora_forward_add_batched(x.p, n, in, As.p, ADL_ROW_MAJOR, r, Bs.p, out_f, m, idx, NULL,
-                                 0.5f, ob2.p);
-    check(memcmp(ob.p, ob2.p, n * out_f * sizeof(float)) == 0, "pyfast batched == direct call");
-    idx[2] = 2;
-    check(adl_py_forward_add_batched(ID(fx), ID(fAs), ID(fBs), 0.5, 0, ID(fidx), ID(fob)) == 2,
-          "pyfast batched reports the bad position");
-    check(memcmp(ob.p, ob2.p, n * out_f * sizeof(float)) == 0, "bad index writes nothing");
-    fidx.descr = F32;
-    check(adl_py_forward_add_batched(ID(fx), ID(fAs), ID(fBs), 0.5, 0, ID(fidx), ID(fob)) == -2,
-          "pyfast batched declines non-int64 idx");
-
-    /* the same through argument tuples */
-    {
-        memcpy(o2.p, o.p, n * out_f * sizeof(float));
-        fakefloat half = flt(0.5);
-        const intptr_t it[5] = {ID(fx), ID(fA), ID(fB), (intptr_t)&half, ID(fo)};
-        faketuple t = tup(5, it);
-        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DONE, "tuple forward done");
-        adl_lora_forward_add(x.p, n, in, A.p, ADL_ROW_MAJOR, r, B.p, out_f, 0.5f, o2.p);
-        check(memcmp(o.p, o2.p, n * out_f * sizeof(float)) == 0, "tuple forward == direct call");
-        fakefloat notfloat = flt(0.5);
-        notfloat.type = (intptr_t)&g_other_tag;
-        t.items[3] = (intptr_t)&notfloat; /* not a float */
-        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines non-float");
-        t = tup(4, it);
-        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines wrong length");
-        t = tup(5, it);
-        t.type = (intptr_t)&g_other_tag;
-        check(adl_pyt_forward_add((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines non-tuple");
-        int64_t item;
-        double v;
-        t = tup(5, it);
-        adl_py_probe_tuple((intptr_t)&t, 3, &item, &v);
-        check(item == (int64_t)(intptr_t)&half && v == 0.5, "tuple probe");
-
-        fakefloat one = flt(1.0), lr = flt(0.1), lam = flt(1.0), dec = flt(0.9), sc = flt(0.5),
-                  rw = flt(-2.0);
-        const intptr_t ia[8] = {ID(fx), ID(fg), ID(fA), ID(fB), (intptr_t)&sc, (intptr_t)&rw,
-                                ID(fgA), ID(fgB)};
-        t = tup(8, ia);
-        check(adl_pyt_accumulate((intptr_t)&t) == ADL_PY_DONE, "tuple accumulate done");
-        const intptr_t ie[10] = {ID(fp), ID(fgq), (intptr_t)&one, (intptr_t)&lr, (intptr_t)&lam,
-                                 ID(fF), ID(fopt), (intptr_t)&dec, (intptr_t)&g_true,
-                                 (intptr_t)&g_false};
-        t = tup(10, ie);
-        check(adl_pyt_apply_ewc((intptr_t)&t) == ADL_PY_DONE, "tuple apply_ewc done");
-        t.items[8] = (intptr_t)&one; /* not True/False */
-        check(adl_pyt_apply_ewc((intptr_t)&t) == ADL_PY_DECLINED, "tuple declines non-bool flag");
-        const intptr_t ip[3] = {ID(fp), ID(fgq), (intptr_t)&lr};
-        t = tup(3, ip);
-        check(adl_pyt_apply((intptr_t)&t) == ADL_PY_DONE, "tuple apply done");
-        const intptr_t itr[6] = {ID(fx), ID(fAt), ID(fE), ID(fBt), (intptr_t)&sc, ID(fot)};
-        t = tup(6, itr);
-        check(adl_pyt_triplet_forward_add((intptr_t)&t) == ADL_PY_DONE, "tuple triplet done");
-        fidx.descr = I64;
-        idx[2] = 0;
-        const intptr_t ib[6] = {ID(fx), ID(fAs), ID(fBs), (intptr_t)&sc, ID(fidx), ID(fob)};
-        t = tup(6, ib);
-        check(adl_pyt_forward_add_batched((intptr_t)&t) == -1, "tuple batched done");
-        idx[0] = -5;
-        check(adl_pyt_forward_add_batched((intptr_t)&t) == 0, "tuple batched bad position");
-    }
-    adl_py_init(NULL, 0);
-
-    bfree(x), bfree(A), bfree(B), bfree(o), bfree(o2), bfree(g), bfree(gA), bfree(gB);
-    bfree(gA2), bfree(gB2), bfree(p), bfree(p2), bfree(F), bfree(opt), bfree(F2), bfree(gq);
-    bfree(gq2), bfree(At), bfree(E), bfree(Bt), bfree(ot), bfree(ot2), bfree(As), bfree(Bs);
-    bfree(ob), bfree(ob2);
-}
-
 int main(int argc, char **argv) {
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
     const char *paths[] = {"scalar", "avx2", "neon"};
     const adl_kernels *S = adl_kernels_for("scalar");
     test_dispatch();
-    test_pyfast();
     printf("active path at load: %s\n", (adl_select_isa(NULL), adl_active_isa()));
     for (size_t p = 0; p < 3; ++p) {
         const adl_kernels *K = adl_kernels_for(paths[p]);
@@ -751,7 +468,6 @@ int main(int argc, char **argv) {
                         test_forward(K, S, in, out_f, r, n, layout, off);
                         test_accumulate(K, S, in, out_f, r, n, layout, layout ^ (int)(combo % 2), off);
                     }
-                    test_triplet(K, S, in, out_f, r, combo % 2 ? 2 : 1, off);
                 }
             }
         for (size_t a = 0; a < NSIZES; ++a) {

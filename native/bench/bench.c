@@ -1,10 +1,12 @@
 /*
- * bench.c: timing helpers for benchmarks/bench_native.py: the active kernel
- * called `iters` times in a C loop, so the figure excludes Python.
+ * bench.c: timing loops for benchmarks/bench_native.py (benchmark-only
+ * build, native/bench/build.py): the active kernel called `iters` times in a
+ * C loop, so the figure excludes Python. Declared in bench.h.
  */
 #define _POSIX_C_SOURCE 199309L
 #include <time.h>
 
+#include "bench.h"
 #include "kernels.h"
 
 static double now_ns(void) {
@@ -93,7 +95,6 @@ double adl_bench_read(const float *p, size_t n, size_t iters) {
     return iters ? (now_ns() - t0) / (double)iters : 0.0;
 }
 
-
 double adl_bench_forward_add(const float *x, size_t in, const float *A,
                              int a_layout, size_t r, const float *B,
                              size_t out_f, float s, float *out, size_t iters) {
@@ -135,17 +136,17 @@ double adl_bench_apply_ewc(float *param, float *grad, size_t count,
 }
 
 double adl_bench_forward_add_batched(const float *x, size_t n, size_t in,
-                                     const float *A_stack, size_t r,
+                                     const float *A_stack, int a_layout, size_t r,
                                      const float *B_stack, size_t out_f,
                                      size_t m, const int64_t *idx, float s,
                                      float *out, size_t iters) {
     if (iters == 0)
         return 0.0;
-    adl_lora_forward_add_batched(x, n, in, A_stack, ADL_ROW_MAJOR, r, B_stack,
-                                 out_f, m, idx, NULL, s, out);
+    adl_lora_forward_add_batched(x, n, in, A_stack, a_layout, r, B_stack, out_f,
+                                 m, idx, NULL, s, out);
     const double t0 = now_ns();
     for (size_t i = 0; i < iters; ++i)
-        adl_lora_forward_add_batched(x, n, in, A_stack, ADL_ROW_MAJOR, r,
-                                     B_stack, out_f, m, idx, NULL, s, out);
+        adl_lora_forward_add_batched(x, n, in, A_stack, a_layout, r, B_stack,
+                                     out_f, m, idx, NULL, s, out);
     return (now_ns() - t0) / (double)iters;
 }
