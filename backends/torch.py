@@ -55,11 +55,32 @@ def foreach_ema_update(ms, us, ipts, beta1: float, beta2: float):
     return m, u
 
 
+def normalise_device(device: object = None) -> torch.device:
+    """``device`` named as the tensors created on it name theirs.
+
+    ``cuda`` (no index) means the current device: ``cuda:<current index>``,
+    which is what ``tensor.device`` reports, so the two compare equal (the
+    same for any device type whose torch module has ``current_device``,
+    when it is available). ``cpu:<n>`` is ``cpu``: CPU tensors carry no index.
+    """
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, dev.type, None)
+    current = getattr(module, "current_device", None)
+    if dev.index is None and current is not None and module.is_available():
+        return torch.device(dev.type, current())
+    return dev
+
+
 class TorchBackend(Backend):
     def __init__(self, device: object = None) -> None:
-        dev = torch.device("cpu" if device is None else device)
+        dev = normalise_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"torch device {str(dev)!r} requested but CUDA is not available")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"torch device {str(dev)!r} requested but there are {torch.cuda.device_count()} "
+                             "CUDA devices (indices from 0)")
         super().__init__(name="torch", xp=xp_torch, device=dev, ops={"ema_update": foreach_ema_update})
 
     def asarray(self, obj, dtype=None):

@@ -118,10 +118,12 @@ def _host(b: Any, x: Any, dtype: str | None, what: str = "output") -> np.ndarray
     """
     from adalora_core._xp import device, namespace
 
+    from .runner import same_device
+
     lib, want = _library(namespace(x)), _library(b.xp)
     if lib != want:
         raise AssertionError(f"{what} is a {lib} array ({type(x).__name__}), expected {want}")
-    if str(device(x)) != str(b.device):
+    if not same_device(device(x), b.device):
         raise AssertionError(f"{what} lives on device {device(x)!r}, expected {b.device!r}")
     if dtype is not None and x.dtype != b.dtype(dtype):
         raise AssertionError(f"{what} has dtype {x.dtype}, expected {dtype}")

@@ -59,10 +59,12 @@ def _host(b: Any, x: Any, dtype: str, what: str) -> np.ndarray:
     """A host copy of ``x`` after checking it is ``b``'s kind of array, on ``b``'s device, of ``dtype``."""
     from adalora_core._xp import device, library_name, namespace
 
+    from .runner import same_device
+
     lib, want = library_name(namespace(x)), library_name(b.xp)
     if lib != want:
         raise AssertionError(f"{what} is a {lib} array ({type(x).__name__}), expected {want}")
-    if str(device(x)) != str(b.device):
+    if not same_device(device(x), b.device):
         raise AssertionError(f"{what} lives on device {device(x)!r}, expected {b.device!r}")
     if x.dtype != b.dtype(dtype):
         raise AssertionError(f"{what} has dtype {x.dtype}, expected {dtype}")
