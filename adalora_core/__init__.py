@@ -11,7 +11,7 @@ from typing import Any
 
 from .allocator import RankAllocator
 from .checkpoint import load_adapter, load_arrays, save_adapter, save_arrays
-from .config import KNOWN_MODULES, AdaLoraConfig, EwcConfig, MicroLoraConfig
+from .config import KNOWN_MODULES, AdaLoraConfig, EwcConfig, MicroLoraConfig, TaskType
 from .errors import AdaLoraWarning, CheckpointError
 from .ewc import EwcState
 from .lora import LoraAdapter
@@ -48,7 +48,8 @@ def native_info() -> dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     # torch-only names load torch on first use, never at import time.
-    if name in ("get_adalora_model", "AdaLoraModel", "AdaLoraCallback", "AdaLoraTrainer", "add_orth_loss"):
+    if name in ("get_adalora_model", "get_peft_model", "AdaLoraModel", "PeftModel", "AdaLoraCallback",
+                "AdaLoraTrainer", "add_orth_loss"):
         from .backends import torch_nn
 
         return getattr(torch_nn, name)
@@ -70,6 +71,7 @@ __all__ = [
     "MicroLoRA",
     "MicroLoraConfig",
     "RankAllocator",
+    "TaskType",
     "Triplet",
     "available_backends",
     "budget_schedule",

@@ -7,11 +7,16 @@ training step (PEFT's AdaLoRA fails late, inside ``kthvalue``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
+import json
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from .errors import AdaLoraWarning
@@ -156,16 +161,52 @@ class _Config:
         return cls(**dict(data))
 
 
-#: Keys of PEFT 0.21's AdaLoRA ``adapter_config.json`` that are not fields here:
-#: :meth:`AdaLoraConfig.from_dict` ignores them silently (any other unknown key warns).
-PEFT_ONLY_KEYS: tuple[str, ...] = (
-    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path",
-    "corda_config", "ensure_weight_tying", "eva_config", "kasa_config", "layer_replication",
-    "loftq_config", "lora_bias", "lora_ga_config", "megatron_config", "megatron_core",
-    "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "revision",
-    "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora",
-    "use_qalora", "use_rslora", "velora_config",
-)
+#: PEFT 0.21's AdaLoRA ``adapter_config.json`` keys that are not fields here, with the values
+#: PEFT writes for an AdaLoRA adapter: :meth:`AdaLoraConfig.to_peft_dict` writes them so that PEFT's
+#: ``PeftConfig``, ``AutoPeftModel*`` and hub tooling read our directories as their own.
+PEFT_DEFAULTS: Mapping[str, Any] = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "corda_config": None, "ensure_weight_tying": False, "eva_config": None, "kasa_config": None,
+    "layer_replication": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,
+    "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
+    "qalora_group_size": 16, "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None,
+    "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+
+#: Keys of PEFT's ``adapter_config.json`` that :meth:`AdaLoraConfig.from_dict` ignores silently
+#: (any other unknown key warns). ``peft_version`` is PEFT's own version: read, never written.
+PEFT_ONLY_KEYS: tuple[str, ...] = tuple(sorted([*PEFT_DEFAULTS, "peft_version"]))
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types. SEQ_CLS, TOKEN_CLS and QUESTION_ANS train and save the model's head
+    (``classifier``/``score``, ``qa_outputs``) with the adapter: see :data:`TASK_MODULES_TO_SAVE`."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+#: The head modules PEFT's task models add to ``modules_to_save`` (trained, saved, never adapted).
+TASK_MODULES_TO_SAVE: Mapping[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _task_type(value: Any) -> str | None:
+    """None or one of PEFT's task types, stored as a plain string (a PEFT ``TaskType`` member is accepted)."""
+    value = value.value if isinstance(value, enum.Enum) else value
+    if value is not None and value not in [t.value for t in TaskType]:
+        _fail("task_type", value, f"must be None or one of {[t.value for t in TaskType]}")
+    return value
+
+
+def _optional_str(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        _fail(name, value, "must be None or a string")
 
 
 @dataclass(frozen=True)
@@ -177,6 +218,13 @@ class AdaLoraConfig(_Config):
     Containers are stored as immutable copies: name lists and
     ``layers_to_transform`` as tuples, ``rank_pattern`` as a :class:`FrozenDict`
     of bool tuples; :meth:`to_dict` gives PEFT's lists and dicts back.
+
+    PEFT's bookkeeping fields travel through ``adapter_config.json``:
+    ``task_type`` (None or a :class:`TaskType`; the model wrapper adds the
+    task's head to ``modules_to_save``), ``peft_type`` (always ``"ADALORA"``),
+    ``base_model_name_or_path`` and ``revision`` (filled from the wrapped
+    model when None). ``r`` is PEFT's LoRA rank field: accepted and ignored
+    with a warning when not 8, as PEFT does (the rank is ``init_r``).
     """
 
     total_step: int | None = None
@@ -200,8 +248,22 @@ class AdaLoraConfig(_Config):
     layers_to_transform: Sequence[int] | int | None = None
     layers_pattern: Sequence[str] | str | None = None
     inference_mode: bool = False
+    task_type: str | None = None
+    peft_type: str = "ADALORA"
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    r: int = 8
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task_type", _task_type(self.task_type))
+        if self.peft_type != "ADALORA":
+            _fail("peft_type", self.peft_type, "expected 'ADALORA'")
+        _optional_str("base_model_name_or_path", self.base_model_name_or_path)
+        _optional_str("revision", self.revision)
+        check_int("r", self.r)
+        if self.r != 8:  # PEFT's message: AdaLoRA's rank is init_r
+            warnings.warn("Note that `r` is not used in AdaLora and will be ignored. If you intended to set the "
+                          "initial rank, use `init_r` instead.", AdaLoraWarning, stacklevel=3)
         if self.total_step is None:
             _fail("total_step", None, "is required: the number of optimizer steps of the run (> 0)")
         check_int("total_step", self.total_step, 1)
@@ -246,8 +308,15 @@ class AdaLoraConfig(_Config):
         """The adapter scale, ``lora_alpha`` (AdaLoRA does not divide by r)."""
         return float(self.lora_alpha)
 
+    def with_task_defaults(self) -> AdaLoraConfig:
+        """This config with the task's head modules added to ``modules_to_save`` (as PEFT's task models do)."""
+        extra = TASK_MODULES_TO_SAVE.get(self.task_type or "", ())
+        names = list(self.modules_to_save or ())
+        names += [n for n in extra if n not in names]
+        return self.replace(modules_to_save=names or None) if extra else self
+
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON-ready values, plus ``peft_type`` (PEFT's adapter_config.json)."""
+        """The fields as JSON-ready values (``peft_type`` included)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -256,8 +325,33 @@ class AdaLoraConfig(_Config):
             elif isinstance(v, Mapping):
                 v = {k: list(m) for k, m in v.items()}
             out[f.name] = v
-        out["peft_type"] = "ADALORA"
         return out
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """``adapter_config.json``'s object: :meth:`to_dict` plus PEFT's other keys at PEFT's values."""
+        return {**copy.deepcopy(dict(PEFT_DEFAULTS)), **self.to_dict()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed), as PEFT's config does."""
+        from .checkpoint import write_adapter_config  # the checkpoint module imports this one
+
+        write_adapter_config(save_directory, self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str],
+                        subfolder: str | None = None) -> AdaLoraConfig:
+        """The config in a local adapter directory's ``adapter_config.json`` (nothing is downloaded)."""
+        from .checkpoint import read_adapter_config
+
+        path = Path(pretrained_model_name_or_path)
+        return read_adapter_config(path / subfolder if subfolder else path)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike[str]) -> dict[str, Any]:
+        """The JSON object in ``path_json_file``, as a dict: PEFT's ``from_json_file`` returns the dict too."""
+        with open(path_json_file, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return dict(_json_object(cls, data))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdaLoraConfig:
@@ -269,9 +363,6 @@ class AdaLoraConfig(_Config):
         does not pass for a setting.
         """
         data = _json_object(cls, data)
-        peft_type = data.get("peft_type", "ADALORA")
-        if peft_type != "ADALORA":
-            raise ValueError(f"peft_type={peft_type!r} is invalid: expected 'ADALORA'")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - set(PEFT_ONLY_KEYS), key=str)
         if unknown:
@@ -280,7 +371,8 @@ class AdaLoraConfig(_Config):
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-__all__ = ["PEFT_ONLY_KEYS", "AdaLoraConfig", "FrozenDict", "check_bool", "check_float", "check_int"]
+__all__ = ["PEFT_DEFAULTS", "PEFT_ONLY_KEYS", "TASK_MODULES_TO_SAVE", "AdaLoraConfig", "FrozenDict", "TaskType",
+           "check_bool", "check_float", "check_int"]
 
 
 # ---------------------------------------------------------------------------

@@ -123,8 +123,7 @@ def test_matching_agrees_with_peft(cfg):
 @pytest.mark.parametrize("overrides, match", [
     ({"target_modules": ["blocks"]}, "ModuleList, which AdaLoRA cannot adapt"),
     ({"target_modules": ["fc_inn"]}, "did you mean"),
-    ({"target_modules": ["up"], "modules_to_save": ["head"]}, "modules_to_save"),
-    ({"target_modules": ["up"], "bias": "all"}, "bias"),
+    ({"target_modules": ["up"], "modules_to_save": ["haed"]}, "modules_to_save"),
     ({"target_modules": ["up"], "rank_pattern": {"nope.lora_E": [True] * 4}}, "rank_pattern"),
 ])
 def test_bad_injection_changes_nothing(overrides, match):

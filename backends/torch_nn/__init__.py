@@ -13,7 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from .layer import SVDConv2d, SVDLayer, SVDLinear
-from .model import AdaLoraModel, get_adalora_model
+from .model import AdaLoraModel, get_adalora_model, get_peft_model
+from .modules_to_save import ModulesToSaveWrapper
+
+#: PEFT's ``PeftModel`` name for the AdaLoRA wrapper (``PeftModel.from_pretrained(base, path)`` reads AdaLoRA
+#: directories, ours or PEFT's; a directory of another PEFT method is refused with its ``peft_type``).
+PeftModel = AdaLoraModel
 
 _LAZY = ("AdaLoraCallback", "AdaLoraTrainerMixin", "AdaLoraTrainer", "add_orth_loss")
 
@@ -31,9 +36,12 @@ __all__ = [
     "AdaLoraModel",
     "AdaLoraTrainer",
     "AdaLoraTrainerMixin",
+    "ModulesToSaveWrapper",
+    "PeftModel",
     "SVDConv2d",
     "SVDLayer",
     "SVDLinear",
     "add_orth_loss",
     "get_adalora_model",
+    "get_peft_model",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,8 +33,8 @@ from torch import nn
 
 from adalora_core.allocator import RankAllocator
 from adalora_core.checkpoint import (
-    load_adapter,
     load_arrays,
+    read_adapter,
     read_adapter_config,
     save_adapter,
     save_arrays,
@@ -44,6 +45,17 @@ from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
 from .layer import SVDLayer, check_supported, layer_kind, wrap
+from .modules_to_save import wrapper_prefixes
+from .peft_compat import (
+    PeftCompatMixin,
+    apply_extras,
+    effective_config,
+    expose_signature,
+    extra_tensors,
+    load_base_model,
+    mark_trainable_extras,
+    plan_extras,
+)
 from .targets import find_targets, get_submodule_parent
 
 STATE_FORMAT = "adalora_core.torch_nn.training_state"
@@ -55,16 +67,18 @@ def _check_adapter_name(name: Any) -> None:
         raise ValueError(f"adapter_name={name!r} is invalid: must be a non-empty string without '.'")
 
 
-class AdaLoraModel(nn.Module):
+class AdaLoraModel(PeftCompatMixin, nn.Module):
     """A torch module with AdaLoRA adapters injected; called exactly like the module it wraps.
 
     Holds at most one trainable adapter (with its :class:`RankAllocator`) and
-    any number of inference-mode adapters beside it; one adapter is active in
-    the forward at a time (:meth:`set_adapter`). ``exact_peft``: see :func:`get_adalora_model`.
+    any number of inference-mode adapters beside it; the forward adds the
+    active adapters' deltas (:meth:`set_adapter`: one, or a list for
+    inference). ``exact_peft`` and ``add_orth_to_loss``: see :func:`get_adalora_model`.
+    PEFT's ``PeftModel`` names are here too (:class:`~.peft_compat.PeftCompatMixin`).
     """
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
-                 autocast_adapter_dtype: bool = True, exact_peft: bool = False,
+                 autocast_adapter_dtype: bool = True, exact_peft: bool = False, add_orth_to_loss: bool = False,
                  _checkpoint: str | os.PathLike[str] | None = None) -> None:
         if isinstance(model, AdaLoraModel):
             raise TypeError("the model is already an AdaLoraModel; use add_adapter() to add another adapter")
@@ -76,7 +90,8 @@ class AdaLoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, AdaLoraConfig] = {}
         self.trainable_adapter_name: str | None = None
-        self.active_adapter: str | None = None
+        self._active: list[str] = []
+        self.add_orth_to_loss = add_orth_to_loss
         self.allocator: RankAllocator | None = None
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.exact_peft = exact_peft
@@ -91,13 +106,26 @@ class AdaLoraModel(nn.Module):
             del self.model
             raise
         self.set_adapter(adapter_name)
+        expose_signature(self, model)
 
     # ---------------------------------------------------------------- calling
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Whatever the wrapped model returns for the same arguments (loss untouched)."""
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        """Whatever the wrapped model returns for the same arguments (loss untouched).
+
+        ``labels`` is named so that transformers' ``Trainer``, which reads label
+        names from the class's ``forward``, finds it; it reaches the wrapped
+        model as given. With ``add_orth_to_loss`` (PEFT's behaviour) a returned
+        ``loss`` includes :meth:`orth_loss`.
+        """
         self._check_loaded()
-        return self.model(*args, **kwargs)
+        if labels is not None:
+            kwargs["labels"] = labels
+        out = self.model(*args, **kwargs)
+        if self.add_orth_to_loss and self.trainable_adapter_name is not None \
+                and isinstance(getattr(out, "loss", None), torch.Tensor):
+            out.loss = out.loss + self.orth_loss()
+        return out
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -167,16 +195,14 @@ class AdaLoraModel(nn.Module):
         if trainable and self.trainable_adapter_name is not None:
             raise ValueError(f"AdaLoRA trains one adapter at a time and {self.trainable_adapter_name!r} is "
                              f"trainable; add {adapter_name!r} with inference_mode=True")
-        if config.bias != "none":
-            raise ValueError(f"bias={config.bias!r} is not supported: PEFT's AdaLoRA checkpoints hold no bias "
-                             "tensors; use bias='none'")
+        config = effective_config(config, self.model)
         existing = self.svd_layers()
         held = [k for k, m in existing.items() if adapter_name in m.lora_A]
         if held:  # another wrapper of this model owns it: re-initialising it would lose its training
             raise ValueError(f'the model already holds adapter "{adapter_name}" (in {held[:3]}); wrapping it '
                              "again would re-initialise the trained weights: keep using the AdaLoraModel that "
                              "holds it, or add a second adapter with add_adapter(<another name>, config)")
-        names = find_targets(self.model, config, skip_inside=existing)
+        names = find_targets(self.model, config, skip_inside=[*existing, *wrapper_prefixes(self.model)])
         modules = {k: self.model.get_submodule(k) for k in names}
         for k, m in modules.items():
             if not isinstance(m, SVDLayer):
@@ -186,16 +212,18 @@ class AdaLoraModel(nn.Module):
         if unknown:
             raise ValueError(f"rank_pattern names modules that are not adapted: {unknown}; adapted modules: "
                              f"{[f'{k}.lora_E' for k in names][:8]}...")
-        loaded = None
+        extras = plan_extras(self, adapter_name, config, names)  # modules_to_save and bias, checked
+        loaded = loaded_extra = None
         if checkpoint is not None:
             shapes = {k: _in_out(m) for k, m in modules.items()}
-            _, loaded = load_adapter(checkpoint, shapes=shapes)  # validated: a bad directory raises here
+            # validated: a bad directory raises here
+            _, loaded, loaded_extra = read_adapter(checkpoint, shapes=shapes, extra=extras.spec, skip=extras.skip)
         # ---- from here on the model changes; nothing below is expected to fail
         adapter_params = {id(p) for layer in existing.values() for p in _adapter_parameters(layer)}
         for p in self.model.parameters():  # PEFT freezes everything but the adapters
             if id(p) not in adapter_params:
                 p.requires_grad_(False)
-        active = [self.active_adapter] if self.active_adapter is not None else []
+        active = self.active_adapters
         for k in names:
             m = modules[k]
             if isinstance(m, SVDLayer):
@@ -224,12 +252,14 @@ class AdaLoraModel(nn.Module):
                     layer = layers[path]
                     for (attr, _), arr in zip(PARTS, (trip.A, trip.E, trip.B)):
                         getattr(layer, attr)[adapter_name].copy_(torch.from_numpy(arr))
+        apply_extras(self, extras, loaded_extra, trainable)
         self._kept_index[adapter_name] = kept
         self.peft_config[adapter_name] = config
         if trainable:
             ranks = {k: layer.r[adapter_name] for k, layer in self._adapter_layers(adapter_name).items()}
             self.allocator = RankAllocator(config, ranks, backend=get_backend("torch", device=self._device()))
             self.trainable_adapter_name = adapter_name
+        mark_trainable_extras(self)
 
     # -------------------------------------------------------------- adapters
 
@@ -247,13 +277,25 @@ class AdaLoraModel(nn.Module):
         if not is_trainable:
             self.eval()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the adapter the forward uses (trainability does not change)."""
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make ``adapter_name`` the adapter the forward uses (trainability does not change).
+
+        A list activates several for inference, as PEFT's ``base_model.set_adapter([...])``:
+        each layer adds their deltas in the list's order. Two of them holding a
+        copy of the same ``modules_to_save`` module is a ValueError (which copy would run?).
+        """
         self._check_loaded()
-        self._require(adapter_name)
-        for layer in self.svd_layers().values():
-            layer.set_adapter([adapter_name])
-        self.active_adapter = adapter_name
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        for name in names:
+            self._require(name)
+        wrappers = self.modules_to_save_wrappers().values()
+        for wrapper in wrappers:  # every wrapper checked before any module changes
+            wrapper.held(names)
+        for module in self._adapter_modules():
+            module.set_adapter(names)
+        self._active = names
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; the first remaining one becomes active if it was."""
@@ -264,40 +306,50 @@ class AdaLoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into {merged[:3]}...; unmerge() first")
         for layer in self.svd_layers().values():
             layer.delete_adapter(adapter_name)
+        for wrapper in self.modules_to_save_wrappers().values():
+            wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         self._kept_index.pop(adapter_name, None)
         if adapter_name == self.trainable_adapter_name:
             self.trainable_adapter_name = None
             self.allocator = None
-        if adapter_name == self.active_adapter:
-            remaining = list(self.peft_config)
+        if adapter_name in self._active:
+            remaining = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining)
             else:
-                self.active_adapter = None
+                self._active = []
 
     @property
     def active_adapters(self) -> list[str]:
-        return [] if self.active_adapter is None else [self.active_adapter]
+        return list(self._active)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block (merged adapters are unmerged, as PEFT does)."""
+        """Run the base model alone inside the block (merged adapters are unmerged, as PEFT does).
+
+        As PEFT: all layers enabled before, all enabled after; all disabled,
+        they stay so; a mix warns and every layer is enabled on exit.
+        """
         self._check_loaded()
-        layers = list(self.svd_layers().values())
-        previous = [layer.disable_adapters for layer in layers]
-        for layer in layers:
-            layer.disable_adapters = True
+        states = {m.disable_adapters for m in self._adapter_modules()}
+        if states == {True}:
+            yield
+            return
+        if len(states) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled", UserWarning, stacklevel=3)
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for layer, prev in zip(layers, previous):
-                layer.disable_adapters = prev
+            self.enable_adapter_layers()
 
     # -------------------------------------------------------------- training
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters to give the optimizer: the trainable adapter's A, E and B."""
+        """The parameters to give the optimizer: the trainable adapter's A, E, B, its modules_to_save, its biases."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def print_trainable_parameters(self) -> None:
@@ -322,6 +374,7 @@ class AdaLoraModel(nn.Module):
         or past ``total_step``; a bad step raises before anything changes.
         """
         self._check_loaded()
+        self._check_orth_used()
         name = self._require_trainable()
         layers = self._adapter_layers(name)
         params, grads = {}, {}
@@ -347,6 +400,7 @@ class AdaLoraModel(nn.Module):
         with ``exact_peft`` they are summed module by module, PEFT's order.
         """
         self._check_loaded()
+        self._orth_called = True
         name = self._require_trainable()
         weight = self.peft_config[name].orth_reg_weight
         pairs = [(t.A, t.B) for t in self._triplets(name, detach=False).values()]
@@ -373,7 +427,7 @@ class AdaLoraModel(nn.Module):
         For the trainable adapter: the allocator's last mask (empty before the
         first one); for a loaded adapter: the pattern it was saved with.
         """
-        name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
+        name = self._require(adapter_name or self.trainable_adapter_name or self._first_active())
         if name == self.trainable_adapter_name and self.allocator is not None and self.allocator.masks:
             return {key: self._full_mask(name, key[: -len(".lora_E")], mask)
                     for key, mask in self.allocator.rank_pattern.items()}
@@ -386,7 +440,7 @@ class AdaLoraModel(nn.Module):
 
     def current_ranks(self, adapter_name: str | None = None) -> dict[str, int]:
         """Triplets kept per module (``init_r`` before any pruning)."""
-        name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
+        name = self._require(adapter_name or self.trainable_adapter_name or self._first_active())
         if name == self.trainable_adapter_name and self.allocator is not None:
             return self.allocator.current_ranks()
         pattern = self.get_rank_pattern(name)
@@ -418,47 +472,89 @@ class AdaLoraModel(nn.Module):
                 layer.unmerge()
 
     def unload(self) -> nn.Module:
-        """Put the original layers back (adapters dropped, merged ones stay in the weights); return the model."""
+        """Put the original layers back (adapters dropped, merged ones stay in the weights); return the model.
+
+        A ``modules_to_save`` module becomes the active adapter's copy (the original if none is active), as in PEFT.
+        """
         self._check_loaded()
         for path, layer in self.svd_layers().items():
             parent, child = get_submodule_parent(self.model, path)
             setattr(parent, child, layer.base_layer)
+        for path, wrapper in self.modules_to_save_wrappers().items():
+            parent, child = get_submodule_parent(self.model, path)
+            active = wrapper.active_adapter
+            setattr(parent, child, wrapper.original_module if active is None else wrapper.modules_to_save[active])
         self._layers = None
         self._unloaded = True
         return self.model
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter into the base weights and return the plain model, as PEFT does."""
-        self.merge()
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the active adapters (or ``adapter_names``) into the base weights and return the plain model.
+
+        PEFT's signature. Every merge is checked for non-finite values, whatever
+        ``safe_merge`` says (``progressbar`` shows nothing: there is no loop worth one).
+        """
+        self.merge(adapter_names)
         return self.unload()
 
     # -------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None) -> None:
-        """Write the adapter in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``).
+    def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None, *,
+                        selected_adapters: Sequence[str] | None = None, safe_serialization: bool = True,
+                        is_main_process: bool = True) -> None:
+        """Write adapters in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``).
 
-        Pruned triplets are sliced away by the rank pattern; the directory
+        ``adapter_name``: that adapter alone, into ``path``. Otherwise PEFT's
+        layout: every adapter (or ``selected_adapters``), ``"default"`` into
+        ``path`` and any other into ``path/<name>``. Pruned triplets are sliced
+        away by the rank pattern; ``modules_to_save`` copies and trained biases
+        are saved with their adapter, keyed as PEFT keys them; the directory
         loads with :meth:`from_pretrained` and with PEFT's ``PeftModel.from_pretrained``.
         Only those two files are written (each atomically); everything else in
-        ``path`` (a Trainer's ``checkpoint-*/``) is left as it is.
+        ``path`` (a Trainer's ``checkpoint-*/``) is left as it is. Only
+        safetensors is written (``safe_serialization=False``, a pickle, is refused).
         """
         self._check_loaded()
-        name = self._require(adapter_name or self.trainable_adapter_name or self.active_adapter)
-        pattern = self.get_rank_pattern(name)
-        save_adapter(path, self.peft_config[name], self._triplets(name), pattern or None)
+        if safe_serialization is not True:
+            raise ValueError("safe_serialization=False (a pickled adapter_model.bin) is not supported: pickles run "
+                             "code when loaded; adapters are written as safetensors")
+        names = [adapter_name] if adapter_name is not None else list(selected_adapters or self.peft_config)
+        for name in names:
+            self._require(name)
+        if not is_main_process:
+            return
+        for name in names:
+            out = path if adapter_name is not None or name == "default" else os.path.join(path, name)
+            layers = self._adapter_layers(name)
+            held = [k for k, w in self.modules_to_save_wrappers().items() if name in w.modules_to_save]
+            extra = {k: t.detach() for k, t in
+                     extra_tensors(self.model, name, self.peft_config[name], layers, held).items()}
+            pattern = self.get_rank_pattern(name)
+            save_adapter(out, self.peft_config[name], self._triplets(name), pattern or None, extra=extra)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs: Any) -> AdaLoraModel:
+    def from_pretrained(cls, model: nn.Module | str | os.PathLike[str], path: str | os.PathLike[str] | None = None,
+                        adapter_name: str = "default", is_trainable: bool = False,
+                        config: AdaLoraConfig | None = None, **kwargs: Any) -> AdaLoraModel:
         """Wrap ``model`` with an adapter saved by :meth:`save_pretrained` or by PEFT.
 
         Modules are built at ``init_r``, resized to the saved rank pattern
         (``ranknum`` stays ``init_r``) and loaded; the directory is checked
         against the model first, so a mismatch raises and changes nothing.
         With ``is_trainable=False`` the adapter is frozen and the model is put
-        in eval mode (as PEFT's ``from_pretrained``).
+        in eval mode (as PEFT's ``from_pretrained``). ``config`` replaces the
+        directory's. ``from_pretrained(path)`` alone loads the base model the
+        config names, from local files (``AutoModelFor<task>``, as PEFT's
+        ``AutoPeftModel*``; nothing is downloaded).
         """
-        config = read_adapter_config(path).replace(inference_mode=not is_trainable)
+        if path is None:
+            if isinstance(model, nn.Module):
+                raise TypeError("from_pretrained(model, path): the adapter directory is missing")
+            path = model
+        config = (config or read_adapter_config(path)).replace(inference_mode=not is_trainable)
+        if not isinstance(model, nn.Module):
+            model = load_base_model(config)
         obj = cls(model, config, adapter_name, _checkpoint=path, **kwargs)
         if not is_trainable:
             obj.eval()
@@ -587,7 +683,8 @@ def _check_kept_index(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, 
 
 
 def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
-                      autocast_adapter_dtype: bool = True, exact_peft: bool = False) -> AdaLoraModel:
+                      autocast_adapter_dtype: bool = True, exact_peft: bool = False,
+                      add_orth_to_loss: bool = False) -> AdaLoraModel:
     """Inject AdaLoRA adapters into ``model`` (in place) and return the wrapper.
 
     By default the adapter forward costs what a LoRA forward costs (two
@@ -597,6 +694,24 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str
     ``exact_peft=True`` runs PEFT's op order instead, bit-identical to PEFT
     in float32 on CPU. ``autocast_adapter_dtype`` as PEFT:
     adapters of a float16/bfloat16 model are kept in float32.
+    ``add_orth_to_loss=True`` is PEFT's behaviour: a ``loss`` the model
+    returns includes :meth:`~AdaLoraModel.orth_loss` (in evaluation too, as
+    PEFT's); by default the regulariser is returned, never added.
     """
     return AdaLoraModel(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                        exact_peft=exact_peft)
+                        exact_peft=exact_peft, add_orth_to_loss=add_orth_to_loss)
+
+
+def get_peft_model(model: nn.Module, peft_config: AdaLoraConfig, adapter_name: str = "default", *,
+                   autocast_adapter_dtype: bool = True, **kwargs: Any) -> AdaLoraModel:
+    """PEFT's entry point, for AdaLoRA: :func:`get_adalora_model` under PEFT's name and argument names.
+
+    ``peft_config`` must be this library's :class:`~adalora_core.AdaLoraConfig`
+    (other PEFT methods are not implemented here); ``kwargs``:
+    ``exact_peft``, ``add_orth_to_loss``.
+    """
+    if not isinstance(peft_config, AdaLoraConfig):
+        raise TypeError(f"get_peft_model here implements AdaLoRA only: peft_config must be an "
+                        f"adalora_core.AdaLoraConfig, not {type(peft_config).__name__}")
+    return get_adalora_model(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                             **kwargs)

@@ -83,9 +83,21 @@ def _layer_index_ok(config: AdaLoraConfig, key: str) -> bool:
     return idx == indexes if isinstance(indexes, int) else idx in indexes
 
 
+def _inside(names: Sequence[str], key: str) -> bool:
+    """``key`` is one of the modules ``names`` match (by name components) or lies inside one."""
+    parts = key.split(".")
+    return any(n.split(".") == parts[i:i + n.count(".") + 1] for n in names for i in range(len(parts)))
+
+
 def is_target(config: AdaLoraConfig, targets: Sequence[str] | str, key: str) -> bool:
-    """Whether module ``key`` gets an adapter (exclusions and layer indexes applied)."""
+    """Whether module ``key`` gets an adapter (exclusions, ``modules_to_save`` and layer indexes applied).
+
+    A module ``modules_to_save`` names, and anything inside it, is never
+    adapted (PEFT: its copy is trained whole instead).
+    """
     if config.exclude_modules and _name_matches(config.exclude_modules, key):
+        return False
+    if config.modules_to_save and _inside(config.modules_to_save, key):
         return False
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
@@ -111,9 +123,6 @@ def find_targets(model: nn.Module, config: AdaLoraConfig, skip_inside: Iterable[
     dropout, ...) are never matched. Raises a ValueError, naming close matches,
     when a listed target names no module or when nothing is left to adapt.
     """
-    if config.modules_to_save:
-        raise ValueError(f"modules_to_save={list(config.modules_to_save)!r} is not supported by the torch "
-                         "integration: train those modules yourself (set requires_grad) and save them apart")
     targets = resolve_targets(model, config)
     prefixes = tuple(f"{s}." for s in skip_inside)
     keys = [k for k, _ in model.named_modules() if k and not k.startswith(prefixes)]
@@ -131,7 +140,8 @@ def find_targets(model: nn.Module, config: AdaLoraConfig, skip_inside: Iterable[
     found = [k for k in keys if is_target(config, targets, k)]
     if not found:
         what = (f"the regular expression {targets!r} matches no module name" if isinstance(targets, str)
-                else f"no module is left after exclude_modules={config.exclude_modules!r} and "
+                else f"no module is left after exclude_modules={config.exclude_modules!r}, "
+                     f"modules_to_save={config.modules_to_save!r} and "
                      f"layers_to_transform={config.layers_to_transform!r}")
         sample = keys[:8]
         raise ValueError(f"target_modules: {what}; module names look like {sample}")
