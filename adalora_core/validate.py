@@ -89,7 +89,11 @@ class Problems:
 
     def array(self, name: str, a: Any, shape: tuple[int, ...] | None = None, *,
               dtype: Any = None, floating: bool = True, finite: bool = True) -> bool:
-        """Check one array's shape, dtype and values; True when it passed every check."""
+        """Check one array's shape, dtype and values; True when it passed every check.
+
+        A wrong dtype is reported once: against ``dtype`` when given, else as
+        not floating. Values are checked whenever they are floating.
+        """
         ok = True
         got = tuple(getattr(a, "shape", ()))
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
@@ -99,13 +103,14 @@ class Problems:
             self.add(f"{name!r} has shape {got}, expected {tuple(shape)}")
             ok = False
         xp = namespace(a)
+        is_float = xp.isdtype(a.dtype, "real floating")
         if dtype is not None and a.dtype != dtype:
             self.add(f"{name!r} has dtype {a.dtype}, expected {dtype}")
             ok = False
-        if floating and not xp.isdtype(a.dtype, "real floating"):
+        elif floating and not is_float:
             self.add(f"{name!r} has dtype {a.dtype}, expected a floating dtype")
-            return False
-        if finite and floating and got and not bool(xp.all(xp.isfinite(a))):
+            ok = False
+        if finite and floating and is_float and got and not bool(xp.all(xp.isfinite(a))):
             self.add(f"{name!r} has non-finite values")
             ok = False
         return ok

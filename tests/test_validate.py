@@ -45,3 +45,18 @@ def test_arrays_checked_for_keys_shape_dtype_finiteness():
     ok = Problems("w")
     check_arrays(ok, {"x": np.zeros(4)}, {"x": (4,)})
     ok.raise_if_any()
+
+
+@pytest.mark.parametrize("dtype", [None, np.dtype("float64")])
+def test_a_wrong_dtype_is_reported_once(dtype):
+    p = Problems("w")
+    assert not p.array("x", np.zeros(3, np.int64), (3,), dtype=dtype)
+    assert len(p.items) == 1
+    expected = "a floating dtype" if dtype is None else "float64"
+    assert p.items == [f"'x' has dtype int64, expected {expected}"]
+
+
+def test_a_float_of_the_wrong_width_is_still_checked_for_finiteness():
+    p = Problems("w")
+    assert not p.array("x", np.array([np.inf], np.float32), (1,), dtype=np.dtype("float64"))
+    assert p.items == ["'x' has dtype float32, expected float64", "'x' has non-finite values"]
