@@ -436,8 +436,8 @@ def _check_pattern(pattern: Mapping[str, Sequence[bool]], weights: Mapping[str, 
             raise CheckpointError(f"rank_pattern[{key!r}] keeps {sum(mask)} triplets but the module has rank {r}")
 
 
-def read_adapter_config(path: str | os.PathLike[str]) -> AdaLoraConfig:
-    """``adapter_config.json`` of directory ``path``, validated (a ``CheckpointError`` naming the file)."""
+def _config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in directory ``path``'s ``adapter_config.json`` (a ``CheckpointError`` naming the file)."""
     cfg_path = Path(path) / CONFIG_NAME
     try:
         data = json.loads(cfg_path.read_text())
@@ -446,6 +446,13 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdaLoraConfig:
     problems = Problems(str(cfg_path))
     data = problems.mapping(data, "its content")
     problems.raise_if_any()
+    return dict(data)
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> AdaLoraConfig:
+    """``adapter_config.json`` of directory ``path``, validated (a ``CheckpointError`` naming the file)."""
+    cfg_path = Path(path) / CONFIG_NAME
+    data = _config_json(path)
     try:
         return AdaLoraConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
@@ -544,3 +551,31 @@ def load_adapter(
     """``(config, {module: Triplet})`` of an adapter directory with no other tensors: see :func:`read_adapter`."""
     config, weights, _ = read_adapter(path, shapes, convert)
     return config, weights
+
+
+# ---------------------------------------------------------------- any PEFT method
+
+
+def save_peft_dir(path: str | os.PathLike[str], tensors: Mapping[str, Array], config: Mapping[str, Any]) -> None:
+    """A PEFT adapter directory of any method: ``tensors`` under their full keys, ``config`` as the JSON.
+
+    Written as :func:`save_adapter` writes (the two files, atomically); non-finite values are refused.
+    """
+    host = _to_host(tensors)
+    _check_finite(host, f"refusing to save {path}")
+    _write_adapter(Path(path), _st_save(host, metadata={"format": "pt"}),
+                   json.dumps(dict(config), indent=2, sort_keys=True).encode())
+
+
+def read_peft_dir(path: str | os.PathLike[str],
+                  check: Callable[[Mapping[str, Any], Header, Problems], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, tensors)`` of a PEFT adapter directory of any method, as NumPy arrays (bf16 as float32).
+
+    ``check(config, header, problems)`` sees the config and the tensors'
+    keys, shapes and dtypes before any tensor is read; any problem it records
+    raises one ``CheckpointError``, as does a non-finite value.
+    """
+    config = _config_json(path)
+    host, _ = _read_safetensors(Path(path) / WEIGHTS_NAME, lambda header, _meta, p: check(config, header, p))
+    _check_finite(host, str(path))
+    return config, host

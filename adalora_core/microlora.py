@@ -25,21 +25,40 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._xp import Array, device, host_np, namespace, to_numpy
-from .checkpoint import load_arrays, save_arrays, validate
+from .checkpoint import (
+    PREFIX,
+    Header,
+    load_arrays,
+    read_peft_dir,
+    save_arrays,
+    save_peft_dir,
+    validate,
+)
 from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .ewc import EwcState
 from .lora import LoraAdapter, all_finite
+from .validate import Problems
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "AdaptFeedback", "MicroLoRA"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "PEFT_LORA_CONFIG", "AdaptFeedback", "MicroLoRA"]
 
 FORMAT = "adalora_core.microlora"
 FORMAT_VERSION = 1
+
+#: The fields of PEFT's LoRA ``adapter_config.json`` that :meth:`MicroLoRA.save_peft` writes besides
+#: ``r``, ``lora_alpha``, ``target_modules``, ``task_type`` and ``base_model_name_or_path``: plain LoRA,
+#: ``scaling = lora_alpha / r``, as MicroLoRA computes it. PEFT fills in its other fields' defaults.
+PEFT_LORA_CONFIG: Mapping[str, Any] = {
+    "peft_type": "LORA", "bias": "none", "lora_bias": False, "lora_dropout": 0.0, "fan_in_fan_out": False,
+    "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+    "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    "inference_mode": True, "revision": None,
+}
 
 
 @dataclass(frozen=True)
@@ -517,3 +536,125 @@ class MicroLoRA:
         obj._enabled = meta["enabled"]
         return obj
 
+    # -- PEFT's LoRA format --------------------------------------------------------
+
+    def save_peft(self, path: Any, module_paths: Mapping[str, Sequence[str]] | None = None, *,
+                  base_model_name_or_path: str | None = None, task_type: str | None = None) -> None:
+        """Write the adapters as a PEFT LoRA adapter directory, for any stack that serves PEFT LoRA adapters.
+
+        PEFT's LoRA adds ``lora_alpha / r * lora_B(lora_A(x))``: this
+        MicroLoRA's ``scaling * (x @ A) @ B``, so ``A (in, r)`` is saved as
+        ``lora_A.weight (r, in)`` and ``B (r, out)`` as ``lora_B.weight (out, r)``
+        (``adapter_model.safetensors``), with ``adapter_config.json`` naming
+        ``peft_type: LORA``, ``r``, ``lora_alpha`` and ``target_modules``.
+        ``module_paths`` maps each module to the layers it serves in the model
+        (``{"q_proj": ["model.layers.0.self_attn.q_proj", ...]}``; each path ends
+        in the module's name); by default a module's path is its name. Weights
+        and config only: gradients, EWC state and counters stay in :meth:`save`.
+        An output ``bias`` has no place in PEFT's format (its ``lora_bias`` is
+        scaled): ``use_bias=True`` is refused.
+        """
+        if self.config.use_bias:
+            raise ValueError("use_bias=True cannot be saved in PEFT's LoRA format (its lora_bias is scaled by "
+                             "lora_alpha / r, this bias is not); use save()")
+        paths = _peft_paths(self.modules, module_paths)
+        tensors: dict[str, Any] = {}
+        to_np = self.backend.to_numpy
+        for m, ad in self._adapters.items():
+            with ad.lock:
+                a = host_np.ascontiguousarray(host_np.array(to_np(ad.A)).T)
+                b = host_np.ascontiguousarray(host_np.array(to_np(ad.B)).T)
+            for p in paths[m]:
+                tensors[f"{PREFIX}{p}.lora_A.weight"] = a
+                tensors[f"{PREFIX}{p}.lora_B.weight"] = b
+        config = {**PEFT_LORA_CONFIG, "r": self.config.rank, "lora_alpha": self.config.alpha,
+                  "target_modules": sorted(p for ps in paths.values() for p in ps),
+                  "base_model_name_or_path": base_model_name_or_path, "task_type": task_type}
+        save_peft_dir(path, tensors, config)
+
+    @classmethod
+    def load_peft(cls, path: Any, backend: Any = None, *, dtype: Any = "float32",
+                  ewc: EwcConfig | None = EwcConfig(), seed: int | None = 0) -> MicroLoRA:  # noqa: B008
+        """A MicroLoRA holding a PEFT LoRA adapter directory (:meth:`save_peft`'s, or PEFT's own).
+
+        The directory must be plain LoRA of rank 1 or 2 on modules MicroLoRA
+        knows (``q_proj``, ...); layers sharing a module name must hold equal
+        weights (a MicroLoRA has one adapter per module name). Everything is
+        checked before the object is built: a bad directory raises
+        :class:`~adalora_core.errors.CheckpointError`.
+        """
+        config, host = read_peft_dir(path, _check_peft_lora)
+        by_module: dict[str, tuple[Any, Any]] = {}
+        problems = Problems(str(path))
+        for key in sorted(host):
+            if not key.endswith(".lora_A.weight"):
+                continue
+            layer = key[len(PREFIX): -len(".lora_A.weight")]
+            m = layer.rsplit(".", 1)[-1]
+            a, b = host[key], host[f"{PREFIX}{layer}.lora_B.weight"]
+            first = by_module.setdefault(m, (a, b))
+            problems.require(first[0].shape == a.shape and first[1].shape == b.shape
+                             and bool((first[0] == a).all() and (first[1] == b).all()),
+                             f"layers named {m!r} hold different weights ({layer!r}); a MicroLoRA holds one "
+                             "adapter per module name")
+        problems.require(bool(by_module), "no lora_A/lora_B tensors")
+        problems.raise_if_any()
+        dims = {m: (int(a.shape[1]), int(b.shape[0])) for m, (a, b) in by_module.items()}
+        first_dims = next(iter(dims.values()))
+        mc = MicroLoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                             target_modules=tuple(by_module), in_features=first_dims[0],
+                             out_features=first_dims[1], module_dims=dims)
+        obj = cls(mc, backend, seed=seed, ewc=ewc, dtype=dtype)
+        for m, (a, b) in by_module.items():
+            obj.adapter(m).set_weights(obj.backend.asarray(a.T, dtype=obj.dtype_name),
+                                       obj.backend.asarray(b.T, dtype=obj.dtype_name))
+        return obj
+
+def _peft_paths(modules: Sequence[str], module_paths: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """Each module's layer paths for :meth:`MicroLoRA.save_peft`, checked (default: the module's own name)."""
+    if module_paths is None:
+        return {m: [m] for m in modules}
+    if not isinstance(module_paths, Mapping) or set(module_paths) != set(modules):
+        raise ValueError(f"module_paths must map each adapted module {list(modules)} to the paths of its layers, "
+                         f"got {module_paths!r:.120}")
+    out: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for m in modules:
+        paths = module_paths[m]
+        if isinstance(paths, str) or not isinstance(paths, Sequence) or not paths:
+            raise ValueError(f"module_paths[{m!r}] must be a non-empty list of layer paths, got {paths!r}")
+        for p in paths:
+            if not isinstance(p, str) or not (p == m or p.endswith(f".{m}")) or p in seen:
+                raise ValueError(f"module_paths[{m!r}]: {p!r} must be a path ending in '.{m}' (the layer MicroLoRA's "
+                                 f"{m!r} adapter serves), each path once")
+            seen.add(p)
+        out[m] = list(paths)
+    return out
+
+
+def _check_peft_lora(config: Mapping[str, Any], header: Header, p: Problems) -> None:
+    """A PEFT LoRA directory that MicroLoRA can hold: rank 1 or 2, plain LoRA, ``lora_A``/``lora_B`` of known modules."""
+    p.require(config.get("peft_type") == "LORA", f"peft_type={config.get('peft_type')!r}: expected 'LORA'")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    p.require(r in (1, 2) and type(r) is int, f"r={r!r}: MicroLoRA holds rank 1 or 2")
+    p.require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0,
+              f"lora_alpha={alpha!r} must be a number > 0")
+    for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+                "modules_to_save"):
+        p.require(not config.get(key), f"{key}={config.get(key)!r}: MicroLoRA holds plain LoRA adapters only")
+    p.require(config.get("bias", "none") == "none", f"bias={config.get('bias')!r}: expected 'none'")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, (shape, dtype) in header.items():
+        path, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
+        leaf = path.rsplit(".", 1)[-1]
+        if not (key.startswith(PREFIX) and part in ("A.weight", "B.weight") and leaf in KNOWN_MODULES):
+            p.add(f"unexpected tensor {key!r}: expected '{PREFIX}<path>.lora_A.weight' / '.lora_B.weight' of "
+                  f"one of {list(KNOWN_MODULES)}")
+            continue
+        p.require(dtype in ("float16", "bfloat16", "float32", "float64"), f"{key!r} has dtype {dtype}")
+        ok = len(shape) == 2 and shape[0 if part == "A.weight" else 1] == r
+        p.require(ok, f"{key!r} has shape {shape}, expected ({r}, in) for lora_A, (out, {r}) for lora_B")
+        shapes[key] = shape
+    for key in shapes:
+        other = key[: -len("A.weight")] + "B.weight" if key.endswith("A.weight") else key[: -len("B.weight")] + "A.weight"
+        p.require(other in shapes, f"{key!r} has no matching {other!r}")
