@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._xp import Array, device, namespace
+from ._xp import Array, device, namespace, on_host
 from .config import AdaLoraConfig
 from .errors import AdaLoraWarning
+from .layout import Layout, Part
 from .schedule import budget_schedule
 from .triplet import Triplet
 from .validate import Problems
@@ -98,9 +99,21 @@ class RankAllocator:
 
     Call :meth:`update_and_allocate` once per optimizer step, after
     ``optimizer.step()``, with the weights and their gradients.
+
+    The EMAs live in two flat buffers (see :mod:`adalora_core.layout`), so a
+    step costs a fixed number of array ops whatever the number of modules,
+    and never waits for the device.
+
+    Across processes: ``reduce`` (given the ``(3, total_rank)`` per-triplet
+    score parts on mask steps, returns them agreed across processes, e.g. an
+    all-reduce) makes every process compute the same mask from its local
+    gradients; ``parts`` (module -> :class:`~adalora_core.layout.Part`) says
+    which rows of a sharded module this process holds, whose partial score
+    parts ``reduce`` must then sum.
     """
 
-    def __init__(self, config: AdaLoraConfig, ranks: Mapping[str, int], backend: Any = None) -> None:
+    def __init__(self, config: AdaLoraConfig, ranks: Mapping[str, int], backend: Any = None, *,
+                 reduce: Callable[[Array], Array] | None = None, parts: Mapping[str, Part] | None = None) -> None:
         if not ranks:
             raise ValueError("RankAllocator needs at least one module")
         for name, r in ranks.items():
@@ -112,6 +125,11 @@ class RankAllocator:
         self.target_bgt = config.target_r * len(self.ranks)
         self._backend = backend
         self._ema_update: Any = None  # resolved from the backend of the first step's arrays
+        self.reduce = reduce
+        self.parts = dict(parts) if parts else None
+        for name, part in (self.parts or {}).items():
+            if name not in self.ranks or part.rank != self.ranks[name]:
+                raise ValueError(f"parts[{name!r}]={part} does not match the module's rank {self.ranks.get(name)}")
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -122,31 +140,103 @@ class RankAllocator:
                             budget=self.init_bgt, skipped_steps=0, missing_grads=Counter(), shapes={}))
 
     def _commit(self, state: _State) -> None:
-        """Make ``state`` the allocator's: plain assignments only, so it cannot fail half-way."""
-        self.ema_ipt: dict[str, Triplet] | None = state.ema_ipt
-        self.ema_unc: dict[str, Triplet] | None = state.ema_unc
-        self.masks: dict[str, Array] = state.masks
+        """Make ``state`` the allocator's.
+
+        The EMAs and masks are packed into the flat buffers of the modules'
+        :class:`~adalora_core.layout.Layout` first; the assignments after that
+        cannot fail half-way.
+        """
+        layout = self._layout_for(state.shapes) if state.shapes else None
+        m = u = keep = None
+        if state.ema_ipt and layout is not None:
+            m, u = layout.pack(state.ema_ipt), layout.pack(state.ema_unc or {})
+        if state.masks and layout is not None:
+            keep = layout.join_scores(state.masks)
+        self._layout = layout
+        self._m, self._u, self._keep = m, u, keep
+        # device flags, so a step never waits for the device: has any update been applied; skips not yet counted
+        self._measured: Any = bool(state.ema_ipt) or bool(state.masks)
+        self._pending_skips: Any = 0
         self.finalized = state.finalized
         self.last_step: int | None = state.last_step
         self.budget = state.budget
-        self.skipped_steps = state.skipped_steps
+        self._skipped = state.skipped_steps
         self.missing_grads: Counter[str] = state.missing_grads
-        # module -> (in, out) of its weights: learned from the first step (or a loaded state), then enforced
+        # module -> (in, out) of the weights this process holds: learned from the first step (or a state)
         self.shapes: dict[str, tuple[int, int]] = state.shapes
         self._warned: set[str] = set()
+
+    def _layout_for(self, shapes: Mapping[str, tuple[int, int]]) -> Layout:
+        parts = self.parts or {}
+        dims = {}
+        for n, (fan_in, out) in shapes.items():
+            part = parts.get(n)
+            r = part.local_rank if part else self.ranks[n]
+            dims[n] = ((r, fan_in), (r, 1), (out, self.ranks[n]))
+        return Layout(dims, parts)
 
     @property
     def names(self) -> list[str]:
         return list(self.ranks)
 
     @property
+    def ema_ipt(self) -> dict[str, Triplet] | None:
+        """Per-module views of the sensitivity EMA; None once finalized, empty before the first update."""
+        return self._views(self._m)
+
+    @property
+    def ema_unc(self) -> dict[str, Triplet] | None:
+        """Per-module views of the uncertainty EMA (as :attr:`ema_ipt`)."""
+        return self._views(self._u)
+
+    def _views(self, flat: Array | None) -> dict[str, Triplet] | None:
+        if self.finalized:
+            return None
+        if flat is None or self._layout is None:
+            return {}
+        return self._layout.unpack(flat)
+
+    @property
+    def masks(self) -> dict[str, Array]:
+        """``{module: keep}`` of the last mask, over each module's full rank; empty before any mask."""
+        if self._keep is None or self._layout is None or not self._host_measured():
+            return {}
+        return self._layout.split_scores(self._keep)
+
+    @property
     def rank_pattern(self) -> dict[str, list[bool]]:
-        """``{"<module>.lora_E": [kept?] * r}`` of the last mask (PEFT's format)."""
-        return {f"{n}.lora_E": [bool(b) for b in _host_list(m)] for n, m in self.masks.items()}
+        """``{"<module>.lora_E": [kept?] * r}`` of the last mask (PEFT's format); reads the device once."""
+        if not self.masks:
+            return {}
+        assert self._layout is not None and self._keep is not None
+        keep = _host_list(self._keep)
+        out, i = {}, 0
+        for g in self._layout.groups:
+            for n in g.names:
+                out[n] = keep[i:i + g.part.rank]
+                i += g.part.rank
+        return {f"{n}.lora_E": out[n] for n in self.names}
 
     def current_ranks(self) -> dict[str, int]:
         """Triplets kept per module by the last mask (full rank before any mask)."""
-        return {n: (sum(_host_list(self.masks[n])) if n in self.masks else r) for n, r in self.ranks.items()}
+        pattern = self.rank_pattern
+        return {n: sum(pattern[f"{n}.lora_E"]) if pattern else r for n, r in self.ranks.items()}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose importance update was skipped for non-finite values (reads the device once)."""
+        if not isinstance(self._pending_skips, int):
+            pending = int(self._pending_skips)
+            self._pending_skips = 0
+            if pending:
+                self._warn_nonfinite()
+            self._skipped += pending
+        return self._skipped + self._pending_skips
+
+    def _host_measured(self) -> bool:
+        if not isinstance(self._measured, bool):
+            self._measured = bool(self._measured)
+        return self._measured
 
     def budget_at(self, step: int) -> tuple[int, bool]:
         c = self.config
@@ -176,30 +266,48 @@ class RankAllocator:
         since the EMAs keep the weights' dtype and a silent cast would hide a
         mixed-precision bug. All inputs are checked before any state changes.
         """
-        params, grads = self._check(step, params, grads or {})
+        keep = self.advance(step, params, grads)
+        if keep is None:
+            return {n: params[n][1] for n in self.names}
+        return {n: apply_mask(params[n][1], keep[n]) for n in self.names}
+
+    def advance(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any] | None = None
+                ) -> dict[str, Array] | None:
+        """:meth:`update_and_allocate` without touching ``E``: the keep masks to apply, or None.
+
+        The masks cover the rows of ``E`` the caller holds (its shard's rows
+        under :attr:`parts`). A framework that updates its parameters in place
+        applies them itself, in one multi-tensor op, instead of taking new
+        arrays back. Nothing here waits for the device: non-finite steps are
+        counted on the device and reported when :attr:`skipped_steps` is read
+        (at once where the arrays live in host memory).
+        """
+        ps, gs = self._check(step, params, grads or {})
         if self._ema_update is None:
             from adalora_core.backends import resolve
 
-            backend = resolve(self._backend, params[self.names[0]].A)
+            backend = resolve(self._backend, ps[self.names[0]].A)
             self._ema_update = backend.op("ema_update", ema_update)
-        self.last_step = step
         if not self.shapes:
-            self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in params.items()}
+            self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in ps.items()}
+        if self._layout is None:
+            self._layout = self._layout_for(self.shapes)
+        self.last_step = step
         if self.finalized:
-            return self._masked(params)
+            return self._local_keeps()
         if step < self.config.final_step:
-            self._update_importance(params, grads)
+            self._update_importance(ps, gs)
             budget, mask_now = self.budget_at(step)
             self.budget = budget
-            if mask_now:
-                self._mask_to_budget(budget)
-                return self._masked(params)
-            return {n: params[n].E for n in self.names}
+            if not mask_now:
+                return None
+            self._mask_to_budget(budget)
+            return self._local_keeps()
         self._mask_to_budget(self.target_bgt)
         self.budget = self.target_bgt
         self.finalized = True
-        self.ema_ipt = self.ema_unc = None
-        return self._masked(params)
+        self._m = self._u = None
+        return self._local_keeps()
 
     def _check(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
                ) -> tuple[dict[str, Triplet], dict[str, Triplet | None]]:
@@ -221,99 +329,115 @@ class RankAllocator:
         gs = {n: None if grads.get(n) is None else _triplet(grads[n], f"grads[{n!r}]") for n in self.names}
         namespace(*(t for p in ps.values() for t in p), *(t for g in gs.values() if g is not None for t in g))
         devices: set[str] = set()
+        dtypes: set[str] = set()
         for name in self.names:
             self._check_module(name, ps[name], gs[name])
             devices.update(str(device(t)) for t in ps[name])
+            dtypes.update(str(t.dtype) for t in ps[name])
         if len(devices) > 1:
             raise ValueError(f"all weights must live on one device; found {sorted(devices)}")
+        if len(dtypes) > 1:
+            raise ValueError(f"all weights must share one dtype (the EMAs are one buffer); found {sorted(dtypes)}")
         return ps, gs
 
     def _check_module(self, name: str, p: Triplet, g: Triplet | None) -> None:
         """One module's weights against its rank and known shape, and its gradients against its weights."""
         A, E, B = p
         r, want = self.ranks[name], self.shapes.get(name)
-        ok = len(A.shape) == 2 and len(B.shape) == 2 and (A.shape[0], tuple(E.shape), B.shape[1]) == (r, (r, 1), r)
+        part = (self.parts or {}).get(name)
+        rl = part.local_rank if part else r
+        ok = len(A.shape) == 2 and len(B.shape) == 2 and (A.shape[0], tuple(E.shape), B.shape[1]) == (rl, (rl, 1), r)
         if ok and want is not None:
             ok = (A.shape[1], B.shape[0]) == want
         if not ok:
             known = f" and (in, out) = {want}" if want is not None else ""
-            raise ValueError(f"module {name!r}: expected rank {r}{known} (A (r, in), E (r, 1), B (out, r)); "
+            rows = f" holding rows {part.rows}" if part else ""
+            raise ValueError(f"module {name!r}: expected rank {r}{rows}{known} (A (r, in), E (r, 1), B (out, r)); "
                              f"got A {tuple(A.shape)}, E {tuple(E.shape)}, B {tuple(B.shape)}")
-        if self.ema_ipt:  # the EMAs keep the weights' dtype: weights of another dtype are not theirs
-            for part, t, m in zip(PARTS, p, self.ema_ipt[name]):
-                if t.dtype != m.dtype:
-                    raise ValueError(f"module {name!r}: {part} has dtype {t.dtype} but its importance EMA "
-                                     f"{m.dtype}; the allocator's state is for weights of another dtype")
-        for part, t, gt in zip(PARTS, p, g or ()):
+        if self._m is not None and A.dtype != self._m.dtype:
+            raise ValueError(f"module {name!r}: weights of dtype {A.dtype}, but the importance EMAs are "
+                             f"{self._m.dtype}; the allocator's state is for weights of another dtype")
+        for part_name, t, gt in zip(PARTS, p, g or ()):
             if gt is None:
                 continue
             if gt.shape != t.shape:
-                raise ValueError(f"module {name!r}: grad of {part} has shape {tuple(gt.shape)}, "
+                raise ValueError(f"module {name!r}: grad of {part_name} has shape {tuple(gt.shape)}, "
                                  f"expected {tuple(t.shape)}")
             if gt.dtype != t.dtype:
-                raise ValueError(f"module {name!r}: grad of {part} has dtype {gt.dtype}, its weight {t.dtype}; "
-                                 "cast the gradients to the weights' dtype")
+                raise ValueError(f"module {name!r}: grad of {part_name} has dtype {gt.dtype}, its weight "
+                                 f"{t.dtype}; cast the gradients to the weights' dtype")
 
     def _update_importance(self, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None]) -> None:
-        assert self.ema_ipt is not None and self.ema_unc is not None
-        entries: list[tuple[str, int]] = []
-        ipts = []
+        """One EMA step over the flat buffers: a handful of whole-buffer ops, no wait for the device."""
+        assert self._layout is not None
+        present = {}
         for name in self.names:
             g = grads.get(name) or (None, None, None)
-            missing = [part for part, gp in zip(PARTS, g) if gp is None]
+            present[name] = [gp is not None for gp in g]
+            missing = [part for part, here in zip(PARTS, present[name]) if not here]
             if missing:  # PEFT reads p.grad per parameter: skip just those tensors
                 self.missing_grads[name] += 1
                 self._warn_once(f"missing:{name}", f"module {name!r} has no gradient for {missing}; their "
                                 "importance is not updated (frozen or unused?)")
-            for j, (p, gp) in enumerate(zip(params[name], g)):
-                if gp is not None:
-                    entries.append((name, j))
-                    ipts.append(importance(p, gp))
-        if not ipts:
+        if not any(any(v) for v in present.values()):
             return
-        xp = namespace(*ipts)
-        finite = xp.all(xp.stack([xp.all(xp.isfinite(t)) for t in ipts]))
-        if not bool(finite):
-            self.skipped_steps += 1
-            self._warn_once("nonfinite", "non-finite gradients or weights: the importance update of this "
-                            "step is skipped (counted in skipped_steps); further skips are silent")
-            return
-        if not self.ema_ipt:  # EMAs start at zero for every module, updated or not
-            for name in self.names:
-                self.ema_ipt[name] = Triplet(*(xp.zeros_like(p) for p in params[name]))
-                self.ema_unc[name] = Triplet(*(xp.zeros_like(p) for p in params[name]))
-        ms = [self.ema_ipt[n][j] for n, j in entries]
-        us = [self.ema_unc[n][j] for n, j in entries]
-        new_m, new_u = self._ema_update(ms, us, ipts, self.config.beta1, self.config.beta2)
-        for (name, j), m, u in zip(entries, new_m, new_u):
-            self.ema_ipt[name] = self.ema_ipt[name]._replace(**{PARTS[j]: m})
-            self.ema_unc[name] = self.ema_unc[name]._replace(**{PARTS[j]: u})
+        xp = namespace(params[self.names[0]].A)
+        filled = {n: Triplet(*(gp if gp is not None else xp.zeros_like(p)
+                               for p, gp in zip(params[n], grads.get(n) or (None, None, None))))
+                  for n in self.names}
+        ipt = importance(self._layout.pack(params), self._layout.pack(filled))
+        finite = xp.all(xp.isfinite(ipt))
+        if self._m is None:  # EMAs start at zero for every module, updated or not
+            self._m, self._u = xp.zeros_like(ipt), xp.zeros_like(ipt)
+        (m,), (u,) = self._ema_update([self._m], [self._u], [ipt], self.config.beta1, self.config.beta2)
+        ok = finite
+        if not all(all(v) for v in present.values()):
+            ok = xp.logical_and(finite, self._layout.segment_mask(present, xp, ipt))
+        self._m, self._u = xp.where(ok, m, self._m), xp.where(ok, u, self._u)
+        self._measured = xp.logical_or(xp.asarray(self._measured, device=device(ipt)), finite)
+        self._pending_skips = self._pending_skips + xp.astype(xp.logical_not(finite), xp.int64)
+        if on_host(ipt):
+            self.skipped_steps  # noqa: B018 (reading it counts the skip and warns now, at no cost on the host)
 
     def scores(self) -> dict[str, Array]:
         """Current triplet score per module; empty before the first importance update."""
-        out = {}
-        for name, m in (self.ema_ipt or {}).items():
-            u = self.ema_unc[name]  # type: ignore[index]
-            sA, sE, sB = (mp * up for mp, up in zip(m, u))
-            out[name] = triplet_scores(sA, sE, sB)
-        return out
+        score = self._score()
+        return {} if score is None or self._layout is None else self._layout.split_scores(score)
+
+    def _score(self) -> Array | None:
+        """Every triplet's score in layout order, agreed across processes by ``reduce``."""
+        if self._m is None or self._u is None or self._layout is None:
+            return None
+        parts = self._layout.score_parts(self._m * self._u)
+        if self.reduce is not None:
+            parts = self.reduce(parts)
+        return parts[0, ...] + (parts[1, ...] + parts[2, ...])
 
     def _mask_to_budget(self, budget: int) -> None:
-        scores = self.scores()
-        if not scores:  # no importance update applied yet: nothing to rank by, so prune nothing
+        score = self._score()
+        if score is None:  # no importance update applied yet: nothing to rank by, so prune nothing
             return
-        threshold = kth_threshold(list(scores.values()), self.init_bgt - budget)
-        self.masks = {n: keep_mask(scores[n], threshold) for n in self.names}
+        xp = namespace(score)
+        new = keep_mask(score, kth_threshold([score], self.init_bgt - budget))
+        old = self._keep if self._keep is not None else xp.ones(new.shape, dtype=xp.bool, device=device(new))
+        # a mask step before any update was applied (every step skipped so far) keeps what it had
+        self._keep = xp.where(xp.asarray(self._measured, device=device(new)), new, old)
 
-    def _masked(self, params: Mapping[str, Triplet]) -> dict[str, Array]:
-        if not self.masks:
-            return {n: params[n].E for n in self.names}
-        return {n: apply_mask(params[n].E, self.masks[n]) for n in self.names}
+    def _local_keeps(self) -> dict[str, Array] | None:
+        """The last mask per module, over the rows of ``E`` held here; None before any mask."""
+        if self._keep is None or self._layout is None:
+            return None
+        layout = self._layout
+        return {n: layout.local_rows(n, full) for n, full in layout.split_scores(self._keep).items()}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, AdaLoraWarning, stacklevel=3)
+
+    def _warn_nonfinite(self) -> None:
+        self._warn_once("nonfinite", "non-finite gradients or weights: the importance update of this "
+                        "step is skipped (counted in skipped_steps); further skips are silent")
 
     # ------------------------------------------------------------- persistence
 
@@ -326,6 +450,8 @@ class RankAllocator:
                     arrays[f"{kind}.{name}.{part}"] = t
         for name, m in self.masks.items():
             arrays[f"mask.{name}"] = m
+        if not self._host_measured():  # EMAs of zeros: no update was applied yet, so there is nothing to keep
+            arrays = {k: v for k, v in arrays.items() if k.startswith("mask.")}
         meta = {
             "ranks": dict(self.ranks),
             "shapes": {n: list(s) for n, s in self.shapes.items()} or None,
@@ -451,7 +577,8 @@ class RankAllocator:
         for n, r in self.ranks.items():
             d = dims.get(n)
             p.require(d is not None, f"module {n!r}: ema_ipt.{n}.A and .B must be 2-d (they tell its (in, out))")
-            for j, (x, shape) in enumerate(zip(PARTS, ((r, d[0]) if d else None, (r, 1), (d[1], r) if d else None))):
+            rl = self.parts[n].local_rank if self.parts and n in self.parts else r  # rows held here
+            for j, (x, shape) in enumerate(zip(PARTS, ((rl, d[0]) if d else None, (rl, 1), (d[1], r) if d else None))):
                 for kind in KINDS:
                     key = f"{kind}.{n}.{x}"
                     if key not in arrays:
