@@ -50,7 +50,20 @@ def library_name(xp: Any) -> str:
         return "cupy"
     if array_api_compat.is_array_api_strict_namespace(xp):
         return "array_api_strict"
+    if array_api_compat.is_jax_namespace(xp):
+        return "jax"
     return getattr(xp, "__name__", repr(xp))
+
+
+def on_host(x: Array) -> bool:
+    """Whether reading ``x`` on the host is free: it lives in host memory and is computed eagerly.
+
+    False for GPU arrays (a read waits for the device) and for JAX (arrays may
+    be traced under ``jit``), where code must defer its reads.
+    """
+    if isinstance(x, _np.ndarray) or array_api_compat.is_array_api_strict_namespace(array_namespace(x)):
+        return True
+    return array_api_compat.is_torch_array(x) and x.device.type == "cpu"
 
 
 def to_numpy(x: Array) -> Any:
