@@ -28,14 +28,16 @@ shapes and dtypes are then checked against the header before a tensor byte is
 read, so a bad or huge file is refused without being loaded. Values
 (finiteness) are checked after reading and before anything is returned, so a
 bad file raises ``CheckpointError`` and changes nothing. bfloat16 tensors
-(PEFT saves them for bf16 training) are read through torch and returned as
-float32, which holds every bf16 value exactly.
+(PEFT saves them for bf16 training) are returned as float32, which holds
+every bf16 value exactly; NumPy decodes them, so torch is not needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import mmap
 import os
 import re
 import secrets
@@ -67,7 +69,7 @@ Spec = Mapping[str, tuple[tuple[int, ...], str | None]]  # key -> (shape, dtype 
 Header = dict[str, tuple[tuple[int, ...], str]]
 T = TypeVar("T")
 
-# safetensors dtype codes -> NumPy names (bfloat16 has no NumPy dtype: it is read through torch)
+# safetensors dtype codes -> NumPy names (bfloat16 has no NumPy dtype: it is widened to float32)
 _DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
            "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
            "F32": "float32", "F64": "float64"}
@@ -272,19 +274,31 @@ def _open(path: Path, framework: str = "numpy") -> Any:
 
 
 def _read_bf16(path: Path, header: Header) -> dict[str, Any]:
-    """The bfloat16 tensors of ``path`` as float32 (exact), through torch: NumPy has no bfloat16."""
+    """The bfloat16 tensors of ``path`` as float32, exactly, with NumPy alone (it has no bfloat16).
+
+    A bf16 value is the top half of a float32's bits: each tensor's uint16
+    words, read from the memory-mapped file at its header's offsets, widen as
+    ``(u16 << 16)`` viewed as float32. The header is re-read here, so a file
+    replaced since ``header`` was taken is refused, never misread.
+    """
     keys = [k for k, (_, dtype) in header.items() if dtype == "bfloat16"]
     if not keys:
         return {}
+    out = {}
     try:
-        pt = _open(path, framework="pt")
-    except ImportError as exc:
-        raise CheckpointError(f"{path} holds bfloat16 (bf16) tensors {keys[:3]}, which NumPy cannot represent: "
-                              "install torch (pip install torch) to load them") from exc
-    with pt:
-        out = {k: pt.get_tensor(k).float().numpy() for k in keys}
-    if any(tuple(out[k].shape) != header[k][0] for k in keys):
-        raise CheckpointError(f"{path} was replaced while it was being read; load it again")
+        with open(path, "rb") as fh:  # the map is released with its last view, when this returns
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        start = 8 + int.from_bytes(mm[:8], "little")
+        entries = json.loads(mm[8:start])
+        for k in keys:
+            shape, count, entry = header[k][0], math.prod(header[k][0]), entries[k]
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] != "BF16" or tuple(entry["shape"]) != shape or end - begin != 2 * count:
+                raise ValueError(f"{k!r} is not the tensor whose header was checked")
+            words = np.frombuffer(mm, dtype="<u2", count=count, offset=start + begin)
+            out[k] = (words.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} changed while it was being read; load it again ({exc})") from exc
     return out
 
 

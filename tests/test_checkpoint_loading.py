@@ -77,20 +77,67 @@ def test_bf16_adapter_loads_exactly_as_float32(tmp_path):
             np.testing.assert_array_equal(a, tensors[f"{PREFIX}{name}.{part}"].float().numpy())
 
 
-def test_bf16_without_torch_names_what_to_install(tmp_path):
-    _bf16_dir(tmp_path)
+def test_bf16_loads_without_torch_as_torch_decodes_it(tmp_path):
+    tensors = _bf16_dir(tmp_path)
+    out = tmp_path / "loaded.npz"
     script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # as if torch were not installed
-        from adalora_core import load_adapter, CheckpointError
-        try:
-            load_adapter({str(tmp_path)!r})
-        except CheckpointError as exc:
-            print("refused:", exc)
+        import numpy as np
+        from adalora_core import load_adapter
+        _, loaded = load_adapter({str(tmp_path)!r})
+        np.savez({str(out)!r}, **{{f"{{m}}.{{p}}": a for m, t in loaded.items() for p, a in zip("AEB", t)}})
     """)
-    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
-    assert "refused:" in out.stdout, out.stderr
-    assert "bfloat16" in out.stdout and "pip install torch" in out.stdout
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = np.load(out)
+    assert len(got.files) == len(tensors)
+    for key, t in tensors.items():
+        name, part = key[len(PREFIX):].rsplit(".lora_", 1)
+        a = got[f"{name}.{part}"]
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a.view(np.uint32), t.float().numpy().view(np.uint32))
+
+
+def test_every_finite_bf16_value_decodes_as_torch_decodes_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    bits = np.arange(2**16, dtype=np.uint16)
+    finite = bits[(bits & 0x7F80) != 0x7F80]  # every bf16 pattern but inf and NaN: subnormals, -0.0 included
+    x = torch.from_numpy(finite.view(np.int16).copy()).view(torch.bfloat16)
+    f = tmp_path / "bf16.safetensors"
+    save_file({"x": x.reshape(-1, 2), "empty": x[:0]}, f, metadata={META_KEY: "{}"})
+    got, _ = load_arrays(f, {"x": ((finite.size // 2, 2), "bfloat16"), "empty": ((0,), "bfloat16")})
+    assert got["x"].dtype == got["empty"].dtype == np.float32 and got["empty"].shape == (0,)
+    np.testing.assert_array_equal(got["x"].reshape(-1).view(np.uint32), x.float().numpy().view(np.uint32))
+
+
+def _bf16_file(path, code="BF16"):
+    """A one-tensor file, ``x`` of shape (2, 2) holding the bf16 words 1..4 << 7 (small positive values)."""
+    words = (np.arange(1, 5, dtype=np.uint16) << 7).astype("<u2")
+    _raw(path, {"x": {"dtype": code, "shape": [2, 2], "data_offsets": [0, 8]}}, 8)
+    with open(path, "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(words.tobytes())
+    return words
+
+
+@pytest.mark.parametrize("checked", [{"x": ((4, 2), "bfloat16")}, {"x": ((2, 2), "bfloat16"), "y": ((1,), "bfloat16")},
+                                     "F16"])
+def test_a_bf16_file_replaced_after_its_header_was_checked_is_refused(tmp_path, checked):
+    """The bf16 reader re-reads the header: a file that no longer matches the checked header is not misread."""
+    from adalora_core.checkpoint import _read_bf16
+
+    f = tmp_path / "bf16.safetensors"
+    words = _bf16_file(f)
+    ok = _read_bf16(f, {"x": ((2, 2), "bfloat16")})["x"]
+    np.testing.assert_array_equal(ok.view(np.uint32), (words.astype(np.uint32) << 16).reshape(2, 2))
+    if checked == "F16":  # same shape, another dtype since
+        _bf16_file(f, "F16")
+        checked = {"x": ((2, 2), "bfloat16")}
+    with pytest.raises(CheckpointError, match="changed while it was being read"):
+        _read_bf16(f, checked)
 
 
 @pytest.mark.usefixtures("torch_one_thread", "quiet")
