@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from array_api_compat import torch as xp_torch
 
@@ -55,7 +57,7 @@ def foreach_ema_update(ms, us, ipts, beta1: float, beta2: float):
     return m, u
 
 
-def normalise_device(device: object = None) -> torch.device:
+def normalise_device(device: str | int | torch.device | None = None) -> torch.device:
     """``device`` named as the tensors created on it name theirs.
 
     ``cuda`` (no index) means the current device: ``cuda:<current index>``,
@@ -66,7 +68,7 @@ def normalise_device(device: object = None) -> torch.device:
     dev = torch.device("cpu" if device is None else device)
     if dev.type == "cpu":
         return torch.device("cpu")
-    module = getattr(torch, dev.type, None)
+    module: Any = getattr(torch, dev.type, None)
     current = getattr(module, "current_device", None)
     if dev.index is None and current is not None and module.is_available():
         return torch.device(dev.type, current())
@@ -74,7 +76,7 @@ def normalise_device(device: object = None) -> torch.device:
 
 
 class TorchBackend(Backend):
-    def __init__(self, device: object = None) -> None:
+    def __init__(self, device: Any = None) -> None:
         dev = normalise_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"torch device {str(dev)!r} requested but CUDA is not available")
