@@ -125,22 +125,20 @@ class RankAllocator:
         self.target_bgt = config.target_r * len(self.ranks)
         self._backend = backend
         self._ema_update: Any = None  # resolved from the backend of the first step's arrays
-        self.reduce = reduce
-        self.parts = dict(parts) if parts else None
-        for name, part in (self.parts or {}).items():
-            if name not in self.ranks or part.rank != self.ranks[name]:
-                raise ValueError(f"parts[{name!r}]={part} does not match the module's rank {self.ranks.get(name)}")
+        self.reduce: Callable[[Array], Array] | None = None
+        self.parts: dict[str, Part] | None = None
         self.reset()
+        self.set_distribution(reduce=reduce, parts=parts)
 
     # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
         """Forget the EMAs, the pattern, the step counter and the weights' shapes."""
-        self._commit(_State(ema_ipt={}, ema_unc={}, masks={}, finalized=False, last_step=None,
+        self.commit(AllocatorState(ema_ipt={}, ema_unc={}, masks={}, finalized=False, last_step=None,
                             budget=self.init_bgt, skipped_steps=0, missing_grads=Counter(), shapes={}))
 
-    def _commit(self, state: _State) -> None:
-        """Make ``state`` the allocator's.
+    def commit(self, state: AllocatorState) -> None:
+        """Make ``state`` (a :meth:`check_state` output) the allocator's.
 
         The EMAs and masks are packed into the flat buffers of the modules'
         :class:`~adalora_core.layout.Layout` first; the assignments after that
@@ -271,16 +269,17 @@ class RankAllocator:
             return {n: params[n][1] for n in self.names}
         return {n: apply_mask(params[n][1], keep[n]) for n in self.names}
 
-    def advance(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any] | None = None
-                ) -> dict[str, Array] | None:
+    def advance(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any] | None = None, *,
+                mask_dtype: Any = None) -> dict[str, Array] | None:
         """:meth:`update_and_allocate` without touching ``E``: the keep masks to apply, or None.
 
-        The masks cover the rows of ``E`` the caller holds (its shard's rows
-        under :attr:`parts`). A framework that updates its parameters in place
-        applies them itself, in one multi-tensor op, instead of taking new
-        arrays back. Nothing here waits for the device: non-finite steps are
-        counted on the device and reported when :attr:`skipped_steps` is read
-        (at once where the arrays live in host memory).
+        The masks are shaped as ``E`` (``(rows, 1)``, the rows the caller holds
+        under :attr:`parts`), bool or, with ``mask_dtype``, 1/0 of that dtype:
+        a framework that updates its parameters in place multiplies them in
+        with one multi-tensor op instead of taking new arrays back. Nothing
+        here waits for the device: non-finite steps are counted on the device
+        and reported when :attr:`skipped_steps` is read (at once where the
+        arrays live in host memory).
         """
         ps, gs = self._check(step, params, grads or {})
         if self._ema_update is None:
@@ -294,7 +293,7 @@ class RankAllocator:
             self._layout = self._layout_for(self.shapes)
         self.last_step = step
         if self.finalized:
-            return self._local_keeps()
+            return self._local_keeps(mask_dtype)
         if step < self.config.final_step:
             self._update_importance(ps, gs)
             budget, mask_now = self.budget_at(step)
@@ -302,12 +301,12 @@ class RankAllocator:
             if not mask_now:
                 return None
             self._mask_to_budget(budget)
-            return self._local_keeps()
+            return self._local_keeps(mask_dtype)
         self._mask_to_budget(self.target_bgt)
         self.budget = self.target_bgt
         self.finalized = True
         self._m = self._u = None
-        return self._local_keeps()
+        return self._local_keeps(mask_dtype)
 
     def _check(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
                ) -> tuple[dict[str, Triplet], dict[str, Triplet | None]]:
@@ -423,12 +422,31 @@ class RankAllocator:
         # a mask step before any update was applied (every step skipped so far) keeps what it had
         self._keep = xp.where(xp.asarray(self._measured, device=device(new)), new, old)
 
-    def _local_keeps(self) -> dict[str, Array] | None:
-        """The last mask per module, over the rows of ``E`` held here; None before any mask."""
+    def _local_keeps(self, dtype: Any = None) -> dict[str, Array] | None:
+        """The last mask per module, over the rows of ``E`` held here, shaped as ``E``; None before any mask."""
         if self._keep is None or self._layout is None:
             return None
+        xp = namespace(self._keep)
+        keep = self._keep if dtype is None else xp.astype(self._keep, dtype)  # one op for every module
         layout = self._layout
-        return {n: layout.local_rows(n, full) for n, full in layout.split_scores(self._keep).items()}
+        return {n: xp.reshape(layout.local_rows(n, full), (-1, 1)) for n, full in layout.split_scores(keep).items()}
+
+    def keep_flat(self) -> Array | None:
+        """The last mask of every triplet as one flat bool array (layout order); None before any mask."""
+        return self._keep
+
+    def set_distribution(self, *, reduce: Callable[[Array], Array] | None, parts: Mapping[str, Part] | None) -> None:
+        """Set :attr:`reduce` and :attr:`parts` (see the class docstring) before the first step or load."""
+        parts = dict(parts) if parts else None
+        for name, part in (parts or {}).items():
+            if name not in self.ranks or part.rank != self.ranks[name]:
+                raise ValueError(f"parts[{name!r}]={part} does not match the module's rank {self.ranks.get(name)}")
+        if parts != self.parts:
+            if self._m is not None or self._keep is not None:
+                raise ValueError("the allocator already holds EMAs or masks for another split of the weights; "
+                                 "set the distribution before the first step or load")
+            self.shapes, self._layout = {}, None  # learned again from the next step's (local) weights
+        self.reduce, self.parts = reduce, parts
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -469,14 +487,14 @@ class RankAllocator:
         """Restore :meth:`state_dict` output; a refused state changes nothing.
 
         Raises :class:`~adalora_core.errors.CheckpointError` (a ValueError) that
-        lists every problem (see :meth:`_validate_state`). ``params``: the
+        lists every problem (see :meth:`check_state`). ``params``: the
         weights the state will be used with, when the caller has them, so that
         the EMAs are checked against their shapes and dtypes now rather than at
         the next step. A state saved before ``shapes`` were recorded loads too.
         """
-        self._commit(self._validate_state(arrays, meta, params))
+        self.commit(self.check_state(arrays, meta, params))
 
-    def _validate_state(self, arrays: Any, meta: Any, params: Mapping[str, Any] | None = None) -> _State:
+    def check_state(self, arrays: Any, meta: Any, params: Mapping[str, Any] | None = None) -> AllocatorState:
         """Check a :meth:`state_dict` output against this allocator and return it staged; changes nothing.
 
         Every meta field is type- and range-checked; every array must be
@@ -505,7 +523,7 @@ class RankAllocator:
                 return None
             return {n: Triplet(*(emas[f"{kind}.{n}.{x}"] for x in PARTS)) for n in self.names} if emas else {}
 
-        return _State(ema_ipt=store("ema_ipt"), ema_unc=store("ema_unc"), masks=masks, shapes=shapes, **fields)
+        return AllocatorState(ema_ipt=store("ema_ipt"), ema_unc=store("ema_unc"), masks=masks, shapes=shapes, **fields)
 
     def _check_fields(self, p: Problems, meta: Mapping[str, Any]) -> dict[str, Any]:
         """The scalar meta fields, type- and range-checked (None where a problem was recorded)."""
@@ -618,8 +636,8 @@ def _host_list(mask: Array) -> list[bool]:
 
 
 @dataclass
-class _State:
-    """Everything :meth:`RankAllocator._commit` assigns, staged (and validated) beforehand."""
+class AllocatorState:
+    """Everything :meth:`RankAllocator.commit` assigns, staged (and validated) beforehand."""
 
     ema_ipt: dict[str, Triplet] | None
     ema_unc: dict[str, Triplet] | None
