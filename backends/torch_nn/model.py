@@ -44,6 +44,8 @@ from adalora_core.orth import orth_reg
 from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
+from . import allocator_state
+from .distributed import check_agreement, local, mesh_group, parts_of, score_reduce
 from .layer import SVDLayer, check_supported, layer_kind, wrap
 from .modules_to_save import wrapper_prefixes
 from .peft_compat import (
@@ -79,6 +81,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
                  autocast_adapter_dtype: bool = True, exact_peft: bool = False, add_orth_to_loss: bool = False,
+                 process_group: Any = None, verify_masks: bool = False,
                  _checkpoint: str | os.PathLike[str] | None = None) -> None:
         if isinstance(model, AdaLoraModel):
             raise TypeError("the model is already an AdaLoraModel; use add_adapter() to add another adapter")
@@ -95,6 +98,12 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self.allocator: RankAllocator | None = None
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.exact_peft = exact_peft
+        # torch.distributed: the group whose processes agree on every mask (None: the world group, when
+        # initialised at the first step), and whether to check the agreement after each mask step
+        self.process_group = process_group
+        self.verify_masks = verify_masks
+        self._group: Any = None
+        self._dist_for: RankAllocator | None = None
         # adapter -> module -> kept indices into init_r, for modules loaded at a pruned rank
         self._kept_index: dict[str, dict[str, list[int]]] = {}
         self._unloaded = False
@@ -370,24 +379,47 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
         ``step`` is the 0-based optimizer step. Importance is updated from the
         current gradients, and ``lora_E`` is masked to the scheduled budget on
-        mask steps (in place, under ``no_grad``). Steps must not go backwards
-        or past ``total_step``; a bad step raises before anything changes.
+        mask steps (in place, one multi-tensor op, no wait for the device).
+        Steps must not go backwards or past ``total_step``; a bad step raises
+        before anything changes. Under ``torch.distributed`` every process
+        must call it (see ``docs/distributed.md``).
         """
         self._check_loaded()
         self._check_orth_used()
         name = self._require_trainable()
-        layers = self._adapter_layers(name)
-        params, grads = {}, {}
-        for path, layer in layers.items():
-            A, E, B = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]
-            params[path] = Triplet(A.detach(), E.detach(), B.detach())
-            grads[path] = Triplet(A.grad, E.grad, B.grad)
         assert self.allocator is not None
-        new_E = self.allocator.update_and_allocate(step, params, grads)
+        weights = self._triplets(name)
+        self._ensure_distributed(weights)
+        layers = self._adapter_layers(name)
+        params = {p: Triplet(*(local(t) for t in trip)) for p, trip in weights.items()}
+        grads = {p: Triplet(*(local(getattr(layer, attr)[name].grad) for attr, _ in PARTS))
+                 for p, layer in layers.items()}
+        keep = self.allocator.advance(step, params, grads, mask_dtype=next(iter(params.values())).E.dtype)
+        if keep is None:
+            return
+        Es = [params[p].E for p in params]
         with torch.no_grad():
-            for path, E in new_E.items():
-                if E is not params[path].E:
-                    layers[path].lora_E[name].copy_(E)
+            torch._foreach_mul_(Es, [keep[p] for p in params])
+            torch._foreach_add_(Es, 0.0)  # -0.0 -> 0.0, as PEFT's masked_fill writes
+        if self.verify_masks and self._group is not None and self.allocator.masks:
+            check_agreement(self.allocator.keep_flat(), self._group)
+
+    def _ensure_distributed(self, weights: Mapping[str, Triplet]) -> None:
+        """Once per allocator, at its first step or load (after any ``fully_shard``): which rows are
+        here, and how the processes' scores agree."""
+        import torch.distributed as dist
+
+        assert self.allocator is not None
+        if self._dist_for is self.allocator:
+            return
+        mesh = mesh_group(weights)
+        group = mesh if mesh is not None else self.process_group
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        parts = parts_of(weights)
+        self.allocator.set_distribution(reduce=score_reduce(group, sharded=parts is not None), parts=parts)
+        self._group = group
+        self._dist_for = self.allocator
 
     def orth_loss(self) -> torch.Tensor:
         """``orth_reg_weight * mean ||AAᵀ - I||_F, ||BᵀB - I||_F`` over the trainable adapter.
@@ -620,18 +652,38 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         device = next(iter(expect.values())).device
         staged = None
         try:
-            staged = self.allocator._validate_state({k: v.to(device) for k, v in parts["allocator"].items()},
+            staged = self.allocator.check_state({k: v.to(device) for k, v in parts["allocator"].items()},
                                                     meta.get("allocator"), params=self._triplets(name))
         except ValueError as exc:
             p.add(f"its allocator part does not fit this model: {exc}")
         p.raise_if_any()
         assert staged is not None
         # ---- validated: from here on only assignments and same-shape, same-dtype copies
-        self.allocator._commit(staged)
+        self.allocator.commit(staged)
         with torch.no_grad():
             for k, t in weights.items():
                 expect[k].copy_(t)
         self._kept_index[name] = kept
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """``state_dict()`` carries the allocator's state (see :mod:`.allocator_state`)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.trainable_adapter_name is not None and self.allocator is not None:
+            allocator_state.save(self.allocator, self._triplets(self.trainable_adapter_name), destination, prefix)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """``load_state_dict()`` restores the allocator, checked before anything changes.
+
+        This module's entries load before its children's weights, so a refused
+        allocator state raises with the model untouched.
+        """
+        if self.trainable_adapter_name is not None and self.allocator is not None:
+            weights = self._triplets(self.trainable_adapter_name)
+            self._ensure_distributed(weights)
+            allocator_state.load(self.allocator, weights, state_dict, prefix, missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def save_training_state(self, path: str | os.PathLike[str]) -> None:
         """:meth:`training_state_dict` to one safetensors file (atomic write)."""
