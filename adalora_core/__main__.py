@@ -39,7 +39,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"adalora-core {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.platform()})")
     print(f"array-api-compat {array_api_compat.__version__}")
-    for name in ("numpy", "native", "array_api_strict", "torch", "cupy"):
+    for name in ("numpy", "native", "array_api_strict", "torch", "cupy", "jax"):
         try:
             be = get_backend(name)
         except (ValueError, ImportError, RuntimeError) as exc:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adalora_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train AdaLoRA on a planted-rank task and show the ranks it finds")
-    p.add_argument("--backend", default="numpy", help="numpy (default), array_api_strict, torch, ...")
+    p.add_argument("--backend", default="numpy", help="numpy (default), array_api_strict, torch, jax, ...")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--plot", metavar="FILE", help="write a PNG of the kept triplets per layer and the budget over steps (needs matplotlib)")

@@ -41,7 +41,7 @@ def namespace(*arrays: Array) -> Any:
 
 
 def library_name(xp: Any) -> str:
-    """Short name of the library behind ``xp``: numpy, torch, cupy, array_api_strict, ..."""
+    """Short name of the library behind ``xp``: numpy, torch, cupy, array_api_strict, jax, ..."""
     if array_api_compat.is_numpy_namespace(xp):
         return "numpy"
     if array_api_compat.is_torch_namespace(xp):

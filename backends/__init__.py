@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "array_api_strict": ("strict", "StrictBackend"),
     "torch": ("torch", "TorchBackend"),
     "cupy": ("cupy", "CupyBackend"),
+    "jax": ("jax", "JaxBackend"),
 }
 _ALIASES = {"strict": "array_api_strict", "np": "numpy", "pytorch": "torch"}
 _cache: dict[tuple[str, str], Backend] = {}
@@ -39,7 +40,7 @@ def _default_numpy_name() -> str:
 
 
 def get_backend(name: str | Backend | None = None, device: Any = None) -> Backend:
-    """The backend called ``name`` (``numpy``, ``native``, ``array_api_strict``, ``torch``, ``cupy``).
+    """The backend called ``name`` (``numpy``, ``native``, ``array_api_strict``, ``torch``, ``cupy``, ``jax``).
 
     ``None`` means ``$ADALORA_BACKEND`` if set, else the default for NumPy arrays.
     A ``Backend`` passes through unchanged. Unknown names and missing libraries
@@ -91,7 +92,7 @@ def backend_of(*arrays: Any) -> Backend:
     if lib == "numpy":
         forced = os.environ.get("ADALORA_BACKEND")
         return get_backend(forced if forced in ("numpy", "native") else _default_numpy_name())
-    if lib in ("array_api_strict", "torch", "cupy"):
+    if lib in ("array_api_strict", "torch", "cupy", "jax"):
         return get_backend(lib, device=device(present[0]))
     raise ValueError(f"no backend for arrays of {lib!r}")
 

@@ -15,6 +15,7 @@ backend is unavailable or an argument is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -180,6 +181,15 @@ def resolve_backends(specs: Iterable[str] | str | None) -> tuple[list[tuple[str,
 _dtype_support: dict[tuple[int, str], str | None] = {}
 
 
+def _dtype_scope(b: Any, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """JAX computes in float64 only under ``jax_enable_x64``: float64 runs on jax turn it on for the run."""
+    if b.name == "jax" and dtype == "float64":
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
 def _dtype_problem(b: Any, dtype: str) -> str | None:
     """Why backend ``b`` cannot hold ``dtype`` arrays (None when it can)."""
     key = (id(b), dtype)
@@ -299,7 +309,8 @@ def run(backends: Iterable[str] | str | None = None, dtypes: Iterable[str] | str
                 refs[dtype] = exc
         for spec, b in resolved:
             for dtype in dtypes:
-                results.append(_run_one(case, spec, b, dtype, refs[dtype]))
+                with _dtype_scope(b, dtype):
+                    results.append(_run_one(case, spec, b, dtype, refs[dtype]))
     return results
 
 

@@ -1,0 +1,153 @@
+"""The jax backend: registry, devices, seeded keys, float64 under x64, DLPack, and the core on JAX arrays.
+
+JAX arrays are immutable, so every core algorithm takes its functional path
+here; the whole conformance suite runs on jax in float32 and, with
+``jax_enable_x64`` scoped to the run, in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+from adalora_core.backends import available_backends, backend_of, get_backend
+from adalora_core.conformance import cases as C
+from adalora_core.conformance import runner
+
+from adalora_core import triplet
+from adalora_core._xp import library_name, to_numpy
+from adalora_core.lora import is_mutable
+from adalora_core.pool import AdapterPool
+
+DTYPES = ("float32", "float64")
+
+
+@pytest.fixture
+def be():
+    return get_backend("jax")
+
+
+def test_registered_and_inferred_from_arrays(be) -> None:
+    assert "jax" in available_backends()
+    x = be.zeros((2, 3))
+    assert isinstance(x, jax.Array) and x.dtype == jnp.float32
+    assert library_name(be.xp) == "jax" and not is_mutable(be.xp)
+    inferred = backend_of(x)
+    assert inferred.name == "jax" and inferred.device == x.device
+    np.testing.assert_array_equal(to_numpy(be.asarray([[1.0, 2.0]])), [[1.0, 2.0]])
+
+
+def test_devices_by_name_and_clear_errors() -> None:
+    cpu = jax.devices("cpu")
+    assert get_backend("jax", "cpu").device == cpu[0]
+    assert get_backend("jax", "cpu:0").device == cpu[0]
+    assert get_backend("jax", cpu[0]).device == cpu[0]
+    assert get_backend("jax", "cpu").zeros((2,)).device == cpu[0]
+    with pytest.raises(ValueError, match=r"'cpu:99'.*index below"):
+        get_backend("jax", "cpu:99")
+    with pytest.raises(ValueError, match="no 'nosuch' platform"):
+        get_backend("jax", "nosuch")
+
+
+def test_rng_keys_are_seeded_and_split_per_draw(be) -> None:
+    a, b = be.rng(7), be.rng(7)
+    first = a.normal((3, 4))
+    np.testing.assert_array_equal(to_numpy(first), to_numpy(b.normal((3, 4))))
+    assert not np.array_equal(to_numpy(first), to_numpy(a.normal((3, 4))))  # a new key per draw
+    assert not np.array_equal(to_numpy(be.rng(8).normal((3, 4))), to_numpy(first))
+    assert not np.array_equal(to_numpy(be.rng(None).normal((8,))), to_numpy(be.rng(None).normal((8,))))
+    u = to_numpy(a.uniform((500,), low=2.0, high=3.0))
+    assert u.dtype == np.float32 and u.min() >= 2.0 and u.max() < 3.0
+    assert set(np.unique(to_numpy(a.bernoulli((500,), 0.5)))) == {0.0, 1.0}
+    wide = to_numpy(be.rng(0).normal((20000,), mean=1.0, std=2.0))
+    assert abs(wide.mean() - 1.0) < 0.1 and abs(wide.std() - 2.0) < 0.1
+
+
+def test_float64_needs_x64_and_int64_falls_back_to_int32(be) -> None:
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        be.zeros((2,), dtype="float64")
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        be.rng(0).normal((2,), dtype="float64")
+    assert be.asarray([1, 2], dtype="int64").dtype == jnp.int32
+    with jax.enable_x64(True):
+        assert be.zeros((2,), dtype="float64").dtype == jnp.float64
+        assert be.rng(0).normal((2,), dtype="float64").dtype == jnp.float64
+        assert be.asarray([1, 2], dtype="int64").dtype == jnp.int64
+
+
+def test_dlpack_transfer_both_ways(be) -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    x = be.asarray(t)
+    assert isinstance(x, jax.Array) and x.device == be.device
+    np.testing.assert_array_equal(to_numpy(x), t.numpy())
+    assert be.asarray(t, dtype="float16").dtype == jnp.float16
+    back = torch.from_dlpack(x * 2)
+    np.testing.assert_array_equal(back.numpy(), 2 * t.numpy())
+
+
+def test_grad_and_jit_of_the_core_match_its_explicit_vjp(be) -> None:
+    """A JAX user can differentiate and compile the core's forward; autodiff agrees with ``backward``."""
+    rng = be.rng(3)
+    x, A, E, B = rng.normal((5, 6)), rng.normal((4, 6)), rng.normal((4, 1)), rng.normal((3, 4))
+    g = rng.normal((5, 3))
+
+    def loss(x, A, E, B):
+        return jnp.sum(g * triplet.forward(x, A, E, B, 2.0, 4.0))
+
+    auto = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, A, E, B)
+    explicit = triplet.backward(g, x, A, E, B, 2.0, 4.0)
+    for got, want in zip(auto, explicit):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-6)
+
+
+def test_pool_updates_reach_the_batched_forward_and_out_is_left_alone(be) -> None:
+    pool = AdapterPool(6, 3, 2, backend=be, capacity=2, seed=0)
+    for s in ("a", "b", "c"):  # the third grows the stacks
+        pool.create(s)
+    sessions = ["a", "b", "c"]
+    xs, ones = be.rng(5).normal((3, 6)), be.asarray(np.ones((3, 3), dtype=np.float32))
+    before = to_numpy(pool.forward_batched(xs, sessions))
+    pool.adapt_batched(xs, sessions, be.rng(6).normal((3, 3)))
+    assert pool.apply_updates(0.5) == 3
+    added = pool.forward_add_batched(xs, sessions, ones)
+    np.testing.assert_array_equal(to_numpy(ones), 1.0)  # a new array came back; the input is unchanged
+    after = to_numpy(added) - 1.0
+    assert not np.allclose(before, after)  # the update reached the stacks the batched forward reads
+    for i, s in enumerate(sessions):
+        np.testing.assert_allclose(after[i], to_numpy(pool.get(s).forward(xs[i])), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# the conformance suite on jax
+# ---------------------------------------------------------------------------
+
+_results: dict[str, dict[str, runner.Result]] = {}
+
+
+def _result(case: str, dtype: str) -> runner.Result:
+    if dtype not in _results:
+        _results[dtype] = {r.case: r for r in runner.run(backends=["jax"], dtypes=[dtype])}
+        assert not jax.config.jax_enable_x64  # the float64 run scoped x64 to itself
+    return _results[dtype][case]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [c.name for c in C.all_cases()])
+def test_conformance_on_jax(case: str, dtype: str) -> None:
+    r = _result(case, dtype)
+    if r.verdict == runner.SKIP:
+        pytest.skip(r.message)
+    assert r.verdict == runner.PASS, f"{case} [jax/{dtype}]: {r.message}\n{r.traceback}"
+
+
+def test_demo_cli_on_jax(capsys: pytest.CaptureFixture[str]) -> None:
+    from adalora_core.__main__ import main
+
+    assert main(["demo", "--backend", "jax", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "backend jax" in out and "final" in out and "Spearman" in out
