@@ -302,8 +302,9 @@ def _read_bf16(path: Path, header: Header) -> dict[str, Any]:
     return out
 
 
-def _read_safetensors(path: Path, check: Callable[[Header, Mapping[str, str], Problems], T]) -> tuple[dict[str, Any], T]:
-    """``path``'s tensors and ``check``'s result; ``check`` sees only the header, before any tensor is read.
+def _read_safetensors(path: Path, check: Callable[[Header, Mapping[str, str], Problems], T],
+                      read: bool = True) -> tuple[dict[str, Any], T]:
+    """``path``'s tensors (none unless ``read``) and ``check``'s result; ``check`` sees only the header.
 
     ``check`` records what is wrong in the ``Problems`` it is given; any
     problem is raised before a tensor byte is read.
@@ -319,6 +320,8 @@ def _read_safetensors(path: Path, check: Callable[[Header, Mapping[str, str], Pr
             header[key] = (tuple(info.get_shape()), _DTYPES.get(code, code))
         result = check(header, f.metadata() or {}, problems)
         problems.raise_if_any()
+        if not read:
+            return {}, result
         host = {k: f.get_tensor(k) for k, (_, dtype) in header.items() if dtype != "bfloat16"}
         host.update(_read_bf16(path, header))
     return host, result
@@ -346,42 +349,66 @@ def _check_finite(host: Mapping[str, Any], what: str) -> None:
             raise CheckpointError(f"{what}: array {k!r} has non-finite values")
 
 
-def validate(host: Mapping[str, Any], expect: Spec, where: str) -> None:
-    """Keys, shapes and dtypes of loaded arrays against ``expect``; one error listing every problem."""
-    problems = Problems(where)
-    _check_header(problems, {k: (tuple(a.shape), str(a.dtype)) for k, a in host.items()}, expect)
-    problems.raise_if_any()
+def _meta_doc(metadata: Mapping[str, str], problems: Problems) -> dict[str, Any]:
+    """The JSON object ``save_arrays`` put in the header (``{}``, with the problem recorded, if there is none)."""
+    if not problems.require(META_KEY in metadata, f"no {META_KEY!r} metadata: not written by save_arrays"):
+        return {}
+    try:
+        doc = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError as exc:
+        problems.add(f"metadata is not valid JSON: {exc}")
+        return {}
+    return dict(problems.mapping(doc, f"the {META_KEY!r} metadata"))
+
+
+class ArraysHeader(NamedTuple):
+    """A ``save_arrays`` file as its header describes it: (shape, dtype name) by key, and the metadata."""
+
+    arrays: Header
+    meta: dict[str, Any]
+
+
+def read_header(path: str | os.PathLike[str]) -> ArraysHeader:
+    """The header of a file written by ``save_arrays``; no tensor is read.
+
+    For loaders whose expected shapes follow from the metadata or must be
+    bounded first: check this, then pass the shapes it implies and its
+    ``meta`` to :func:`load_arrays`, so a huge or lying file is refused
+    before its bytes are read.
+    """
+    return _read_safetensors(Path(path), lambda header, metadata, p: ArraysHeader(header, _meta_doc(metadata, p)),
+                             read=False)[1]
 
 
 def load_arrays(
     path: str | os.PathLike[str],
     expect: Spec | None = None,
     convert: Callable[[Any], Array] | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Array], dict[str, Any]]:
     """Read a file written by ``save_arrays``: (arrays, meta).
 
     ``expect`` (key -> (shape, dtype)) is checked exactly against the header
-    before any tensor is read; ``meta`` must be a JSON object; ``convert``
-    moves each NumPy array to the caller's backend after every check has passed.
+    before any tensor is read; the metadata must be a JSON object; ``convert``
+    moves each NumPy array to the caller's backend after every check has
+    passed. ``meta``: the metadata a caller took from :func:`read_header` and
+    checked; the file must still hold it (else it was replaced in between).
     """
     path = Path(path)
 
     def check(header: Header, metadata: Mapping[str, str], problems: Problems) -> dict[str, Any]:
         if expect is not None:
             _check_header(problems, header, expect)
-        if not problems.require(META_KEY in metadata, f"no {META_KEY!r} metadata: not written by save_arrays"):
-            return {}
-        try:
-            doc = json.loads(metadata[META_KEY])
-        except json.JSONDecodeError as exc:
-            problems.add(f"metadata is not valid JSON: {exc}")
-            return {}
-        return dict(problems.mapping(doc, f"the {META_KEY!r} metadata"))
+        doc = _meta_doc(metadata, problems)
+        problems.require(meta is None or json.dumps(doc, sort_keys=True) == json.dumps(meta, sort_keys=True),
+                         "it changed after its header was read; load it again")
+        return doc
 
-    host, meta = _read_safetensors(path, check)
+    host, doc = _read_safetensors(path, check)
     _check_finite(host, str(path))
     out = {k: (convert(v) if convert else v) for k, v in host.items()}
-    return out, meta
+    return out, doc
 
 
 # ---------------------------------------------------------------- PEFT layout

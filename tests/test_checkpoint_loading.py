@@ -190,12 +190,14 @@ def _raw(path, header: dict, data_len: int) -> None:
 GIB3 = 3 * 2**30
 
 
-def _peak_rss_of_load(call: str, path) -> tuple[str, int]:
-    """Run ``call`` (``PATH`` stands for ``path``) in a fresh process: (its outcome, its peak RSS growth in bytes)."""
+def _peak_rss_of_load(call: str, path, setup: str = "") -> tuple[str, int]:
+    """Run ``call`` (``PATH`` stands for ``path``) in a fresh process after ``setup``: (its outcome, its peak RSS
+    growth in bytes)."""
     script = textwrap.dedent(f"""
         import resource, time
         from adalora_core import load_adapter, load_arrays, CheckpointError
         PATH = {str(path)!r}
+        {setup}
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
         try:
@@ -211,6 +213,26 @@ def _peak_rss_of_load(call: str, path) -> tuple[str, int]:
     rss, secs = lines[1].split()
     assert float(secs) < 5
     return lines[0], int(rss)
+
+
+def _inflate(path, key: str, n: int) -> None:
+    """Rewrite the safetensors file ``path`` with ``key`` as ``n`` float32 values (sparse: nothing is written),
+    every other tensor and the metadata as they were: a file consistent in itself, and huge."""
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + size]), raw[8 + size:]
+    out, blobs, pos = {"__metadata__": header.pop("__metadata__")}, [], 0
+    for k, e in header.items():
+        if k != key:
+            begin, end = e["data_offsets"]
+            blobs.append(data[begin:end])
+            out[k] = {**e, "data_offsets": [pos, pos + end - begin]}
+            pos += end - begin
+    out[key] = {"dtype": "F32", "shape": [n], "data_offsets": [pos, pos + 4 * n]}
+    h = json.dumps(out).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+        fh.truncate(8 + len(h) + pos + 4 * n)
 
 
 def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
@@ -231,6 +253,38 @@ def test_a_huge_adapter_is_refused_before_it_is_read(tmp_path):
     _raw(tmp_path / WEIGHTS_NAME, {key: {"dtype": "F32", "shape": [2, n], "data_offsets": [0, 8 * n]}}, 8 * n)
     msg, rss = _peak_rss_of_load("load_adapter(PATH, shapes={'layers.0.q': (5, 3), 'layers.1.v': (6, 2)})", tmp_path)
     assert "refused:" in msg and f"shape (2, {n}), expected (2, 5)" in msg
+    assert rss < 200 * 2**20, f"peak RSS grew by {rss / 2**20:.0f} MiB"
+
+
+_TORCH_STATE = "from adalora_core.backends.torch_nn import _parity as P; om = P.ours(P.build('mlp'), **P.config_kwargs('mlp'))"
+
+
+@pytest.mark.parametrize(("setup", "save", "key", "call", "why"), [
+    (_TORCH_STATE, "om.save_training_state(PATH)", "weights.{m}.lora_A", "om.load_training_state(PATH)",
+     "more than a training state of this model can"),
+    (_TORCH_STATE, "om.save_training_state(PATH)", "allocator.ema_ipt.{m}.A", "om.load_training_state(PATH)",
+     "more than a training state of this model can"),
+    ("from adalora_core import MicroLoRA, MicroLoraConfig",
+     "MicroLoRA(MicroLoraConfig(rank=1, in_features=8, out_features=8, target_modules=['q_proj'])).save(PATH)",
+     "q_proj.lora_A", "MicroLoRA.load(PATH)", "expected (8, 1)"),
+    ("from adalora_core import AdapterPool", "pool = AdapterPool(8, 8); pool.create('s'); pool.save(PATH)",
+     "lora_A", "AdapterPool.load(PATH)", "expected (1, 8, 2)"),
+])
+def test_a_huge_state_file_is_refused_before_it_is_read(tmp_path, setup, save, key, call, why):
+    """Training states, MicroLoRA and pool checkpoints: a file with one array grown to 3 GiB (header, offsets and
+    file size agreeing) is refused from its header, without its bytes being read."""
+    if "torch" in setup:
+        pytest.importorskip("torch")
+    f = tmp_path / "state.safetensors"
+    subprocess.run([sys.executable, "-c", f"PATH = {str(f)!r}; {setup}; {save}"], check=True, timeout=120)
+    if "{m}" in key:  # the first adapted module (a state saved before the first step has no EMAs: one is added)
+        first = next(k for k in load_arrays(f)[0] if k.startswith("weights."))
+        key = key.format(m=first.removeprefix("weights.").removesuffix(".lora_A"))
+    n = GIB3 // 4
+    _inflate(f, key, n)
+    assert f.stat().st_size > GIB3
+    msg, rss = _peak_rss_of_load(call, f, setup)
+    assert "refused:" in msg and why in msg, msg
     assert rss < 200 * 2**20, f"peak RSS grew by {rss / 2**20:.0f} MiB"
 
 

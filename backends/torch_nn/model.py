@@ -36,6 +36,7 @@ from adalora_core.checkpoint import (
     load_arrays,
     read_adapter,
     read_adapter_config,
+    read_header,
     save_adapter,
     save_arrays,
 )
@@ -691,8 +692,21 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         save_arrays(path, tensors, meta)
 
     def load_training_state(self, path: str | os.PathLike[str]) -> None:
-        """Read :meth:`save_training_state` output back (validated; a bad file changes nothing)."""
-        tensors, meta = load_arrays(path, convert=torch.from_numpy)
+        """Read :meth:`save_training_state` output back (validated; a bad file changes nothing).
+
+        The header is checked before any tensor is read: a training state holds
+        the adapter's weights, at most two EMAs of their shapes and a mask per
+        module (no longer than its E), so a file of more than four times the
+        adapter's values (and a few counters) is not one of this model's.
+        """
+        found = read_header(path)
+        weights = [t for trip in self._triplets(self._require_trainable()).values() for t in trip]
+        most = 4 * sum(t.numel() for t in weights) + 64 * len(weights)
+        held = sum(torch.Size(shape).numel() for shape, _ in found.arrays.values())
+        p = Problems(str(path))
+        p.require(held <= most, f"it holds {held} values, more than a training state of this model can ({most})")
+        p.raise_if_any()
+        tensors, meta = load_arrays(path, found.arrays, torch.from_numpy, meta=found.meta)
         self.load_training_state_dict(tensors, meta)
 
 
