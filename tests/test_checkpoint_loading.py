@@ -288,6 +288,21 @@ def test_a_huge_state_file_is_refused_before_it_is_read(tmp_path, setup, save, k
     assert rss < 200 * 2**20, f"peak RSS grew by {rss / 2**20:.0f} MiB"
 
 
+def test_a_file_replaced_between_its_header_and_its_arrays_is_refused(tmp_path):
+    from adalora_core.checkpoint import read_header, save_arrays
+
+    f = tmp_path / "s.safetensors"
+    x = {"x": np.ones(3, np.float32)}
+    save_arrays(f, x, {"n": 1, "odd": float("nan")})
+    found = read_header(f)
+    assert found.arrays == {"x": ((3,), "float32")} and found.meta["n"] == 1
+    got, _ = load_arrays(f, found.arrays, meta=found.meta)  # the same file: NaN in the metadata is no change
+    np.testing.assert_array_equal(got["x"], x["x"])
+    save_arrays(f, x, {"n": 2, "odd": float("nan")})
+    with pytest.raises(CheckpointError, match="changed after its header was read"):
+        load_arrays(f, found.arrays, meta=found.meta)
+
+
 @pytest.mark.parametrize("claim", [GIB3, 16, 10])
 def test_a_header_that_does_not_cover_the_file_is_refused(tmp_path, claim):
     f = tmp_path / "lie.safetensors"
