@@ -27,16 +27,18 @@ Fisher fed ``g**2``) is undone by the adapter and counted in its
 ``skipped_updates``, so inf and NaN never reach the weights or this state.
 
 The functions here are the Array API definitions; :class:`EwcState` owns the
-arrays of one adapter and updates them (in place on mutable libraries).
+arrays of one adapter and updates them (in place on mutable libraries); its
+:meth:`~EwcState.step` is the EWC step an adapter runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from ._at import at, owned_copy
 from ._xp import Array, namespace
 from .config import EwcConfig, check_float, check_int
-from .lora import is_mutable, owned_copy
 
 __all__ = [
     "EwcState",
@@ -98,38 +100,35 @@ def explicit_step(theta: Array, g: Array, lr: float, lam: float, F: Array, theta
 
 def lora_apply_ewc(
     param: Array, grad: Array, inv_count: float, lr: float, lam: float, fisher: Array, optimal: Array,
-    decay: float, proximal: bool, update_fisher: bool, *, inplace: bool = True,
+    decay: float, proximal: bool, update_fisher: bool,
 ) -> tuple[Array, Array, Array]:
     """Array API default of the native ``lora_apply_ewc`` op: ``(param, grad, fisher)`` after
     one EWC++ step on the summed gradient ``grad`` (then cleared).
 
     ``g = grad * inv_count``; the Fisher EMA first (when ``update_fisher``),
-    then the step uses the updated Fisher. In place when ``inplace``.
+    then the step uses the updated Fisher. Written into the arrays given where
+    the library allows it.
     """
-    xp = namespace(param, grad, fisher, optimal)
+    namespace(param, grad, fisher, optimal)
     g = grad * float(inv_count)
     F = fisher_ema(fisher, g, float(decay)) if update_fisher else fisher
     step = proximal_step if proximal else explicit_step
     new = step(param, g, lr, lam, F, optimal)
-    if inplace:
-        if update_fisher:
-            fisher[...] = F
-        param[...] = new
-        grad[...] = 0
-        return param, grad, fisher
-    return new, xp.zeros_like(grad), F
+    return at(param).set(new), at(grad).set(0), at(fisher).set(F) if update_fisher else fisher
 
 
 class EwcState:
-    """EWC++ state of one adapter: ``fisher_a``, ``fisher_b``, ``optimal_a``, ``optimal_b``.
+    """EWC++ state of one adapter: ``fisher_a``, ``fisher_b``, ``optimal_a``, ``optimal_b``
+    (and the window sums ``window_a``, ``window_b``).
 
     Shapes follow the adapter's public layout, ``(in, r)`` for A and ``(r, out)``
-    for B; storage is rank-major like the adapter's, so the C kernels update
-    it in place. ``EwcState.from_adapter(adapter)`` starts with F = 0 and
+    for B; the A-side arrays are stored rank-major like the adapter's A (the
+    transposes of C-contiguous ``(r, in)`` arrays), so the C kernels update
+    them in place. ``EwcState.from_adapter(adapter)`` starts with F = 0 and
     ``theta*`` = the adapter's current weights. The state owns its arrays
     (the constructor copies them). Methods that change it are not locked:
     when the adapter is shared between threads, call them under
-    ``adapter.lock`` (MicroLoRA does).
+    ``adapter.lock`` (the adapter's own steps and MicroLoRA do).
     """
 
     def __init__(
@@ -164,13 +163,12 @@ class EwcState:
             if a.dtype != fisher_a.dtype:
                 raise TypeError(f"{name} has dtype {a.dtype}, fisher_a has {fisher_a.dtype}")
         self._xp = xp
-        self._mutable = is_mutable(xp)
-        self._Fa = owned_copy(xp, fisher_a.T)
-        self._Oa = owned_copy(xp, optimal_a.T)
-        self._Fb = owned_copy(xp, fisher_b)
-        self._Ob = owned_copy(xp, optimal_b)
-        self._Sa = owned_copy(xp, window_a.T) if window_a is not None else xp.zeros_like(self._Fa)
-        self._Sb = owned_copy(xp, window_b) if window_b is not None else xp.zeros_like(self._Fb)
+        self._fa = owned_copy(fisher_a.T).T
+        self._oa = owned_copy(optimal_a.T).T
+        self._fb = owned_copy(fisher_b)
+        self._ob = owned_copy(optimal_b)
+        self._sa = owned_copy(window_a.T).T if window_a is not None else xp.zeros_like(self._fa)
+        self._sb = owned_copy(window_b) if window_b is not None else xp.zeros_like(self._fb)
         self.window_steps = window_steps
 
     @classmethod
@@ -180,67 +178,89 @@ class EwcState:
             xp = adapter.xp
             return cls(xp.zeros_like(adapter.A), xp.zeros_like(adapter.B), adapter.A, adapter.B, config=config)
 
-    # public layout views
     @property
     def fisher_a(self) -> Array:
-        return self._Fa.T
+        return self._fa
 
     @property
     def fisher_b(self) -> Array:
-        return self._Fb
+        return self._fb
 
     @property
     def optimal_a(self) -> Array:
-        return self._Oa.T
+        return self._oa
 
     @property
     def optimal_b(self) -> Array:
-        return self._Ob
+        return self._ob
 
     @property
     def window_a(self) -> Array:
         """Sum of ``g**2`` for A since the last windowed fold."""
-        return self._Sa.T
+        return self._sa
 
     @property
     def window_b(self) -> Array:
-        return self._Sb
+        return self._sb
 
     def check_compatible(self, adapter: Any) -> None:
         """A ValueError/TypeError when this state does not fit ``adapter``."""
-        if tuple(self._Fa.shape) != (adapter.rank, adapter.in_features) or \
-                tuple(self._Fb.shape) != (adapter.rank, adapter.out_features):
+        if tuple(self._fa.shape) != (adapter.in_features, adapter.rank) or \
+                tuple(self._fb.shape) != (adapter.rank, adapter.out_features):
             raise ValueError(
-                f"EWC state is for A {tuple(self.fisher_a.shape)} / B {tuple(self._Fb.shape)} but the adapter has "
+                f"EWC state is for A {tuple(self._fa.shape)} / B {tuple(self._fb.shape)} but the adapter has "
                 f"A ({adapter.in_features}, {adapter.rank}) / B ({adapter.rank}, {adapter.out_features})")
-        if self._Fa.dtype != adapter.dtype:
-            raise TypeError(f"EWC state has dtype {self._Fa.dtype}, the adapter's is {adapter.dtype}")
+        if self._fa.dtype != adapter.dtype:
+            raise TypeError(f"EWC state has dtype {self._fa.dtype}, the adapter's is {adapter.dtype}")
 
     # -- updates -------------------------------------------------------------
 
-    def _set(self, name: str, value: Array) -> None:
-        if self._mutable:
-            getattr(self, name)[...] = value
-        else:
-            setattr(self, name, value)
+    def step(self, A: Array, grad_A: Array, B: Array, grad_B: Array, inv_count: float, lr: float, lam: float, *,
+             update_fisher: bool, proximal: bool, apply: Callable[..., Any] = lora_apply_ewc,
+             ) -> tuple[Array, Array, Array, Array]:
+        """One EWC++ step of an adapter's ``A`` and ``B`` (public layout) on their summed
+        gradients, which are cleared: returns the new ``(A, grad_A, B, grad_B)`` (the arrays
+        given, updated in place, on mutable libraries).
+
+        With ``update_fisher`` the mean gradient ``grad * inv_count`` feeds the Fisher first,
+        as the config's mode says (the EMA in the same pass, or the window sums, folded every
+        K steps). ``apply`` is the ``lora_apply_ewc`` op to run (a backend's override).
+        """
+        cfg = self.config
+        if update_fisher and cfg.mode == "window":
+            self._observe_window(grad_A * inv_count, grad_B * inv_count)
+        ema = update_fisher and cfg.mode == "ema"
+        A, grad_A, self._fa = apply(A, grad_A, inv_count, lr, lam, self._fa, self._oa, cfg.decay, proximal, ema)
+        B, grad_B, self._fb = apply(B, grad_B, inv_count, lr, lam, self._fb, self._ob, cfg.decay, proximal, ema)
+        return A, grad_A, B, grad_B
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What :meth:`step` changes (the Fisher and the window), copied: for :meth:`restore`."""
+        return (*(owned_copy(a) for a in (self._fa, self._fb, self._sa, self._sb)), self.window_steps)
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        """Put back a :meth:`snapshot` (a step whose result is not kept)."""
+        fa, fb, sa, sb, self.window_steps = snapshot
+        self._fa, self._fb = at(self._fa).set(fa), at(self._fb).set(fb)
+        self._sa, self._sb = at(self._sa).set(sa), at(self._sb).set(sb)
 
     def update_fisher(self, grad_a: Array, grad_b: Array, decay: float | None = None) -> None:
         """EMA form: ``F = decay*F + (1-decay)*g**2`` (``decay`` defaults to the config's)."""
         decay = self.config.decay if decay is None else decay
         check_float("decay", decay, 0.0, 1.0)
-        self._set("_Fa", fisher_ema(self._Fa, grad_a.T, decay))
-        self._set("_Fb", fisher_ema(self._Fb, grad_b, decay))
+        self._fa = at(self._fa).set(fisher_ema(self._fa, grad_a, decay))
+        self._fb = at(self._fb).set(fisher_ema(self._fb, grad_b, decay))
 
     def observe(self, grad_a: Array, grad_b: Array) -> None:
         """Feed one mean gradient, as the config's mode says (EMA, or the windowed sums)."""
         if self.config.mode == "ema":
             self.update_fisher(grad_a, grad_b)
         else:
-            self._observe_window_t(grad_a.T, grad_b)
+            self._observe_window(grad_a, grad_b)
 
-    def _observe_window_t(self, gAt: Array, gB: Array) -> None:
-        self._set("_Sa", self._Sa + gAt * gAt)
-        self._set("_Sb", self._Sb + gB * gB)
+    def _observe_window(self, grad_a: Array, grad_b: Array) -> None:
+        self._sa = at(self._sa).set(self._sa + grad_a * grad_a)
+        self._sb = at(self._sb).set(self._sb + grad_b * grad_b)
         self.window_steps += 1
         if self.window_steps >= self.config.window:
             self.fold_window()
@@ -252,23 +272,22 @@ class EwcState:
         if k == 0:
             return
         a = self.config.alpha
-        self._set("_Fa", fisher_window(self._Fa, self._Sa, k, a))
-        self._set("_Fb", fisher_window(self._Fb, self._Sb, k, a))
-        self._set("_Sa", self._xp.zeros_like(self._Sa))
-        self._set("_Sb", self._xp.zeros_like(self._Sb))
+        self._fa = at(self._fa).set(fisher_window(self._fa, self._sa, k, a))
+        self._fb = at(self._fb).set(fisher_window(self._fb, self._sb, k, a))
+        self._sa, self._sb = at(self._sa).set(0), at(self._sb).set(0)
         self.window_steps = 0
 
     def normalise(self) -> None:
         """Min-max normalise each Fisher matrix to [0, 1] (zeros when it is constant)."""
-        self._set("_Fa", minmax_normalise(self._Fa))
-        self._set("_Fb", minmax_normalise(self._Fb))
+        self._fa = at(self._fa).set(minmax_normalise(self._fa))
+        self._fb = at(self._fb).set(minmax_normalise(self._fb))
 
     def update_optimal(self, adapter: Any) -> None:
         """``theta*`` = the adapter's current weights."""
         self.check_compatible(adapter)
         with adapter.lock:
-            self._set("_Oa", owned_copy(self._xp, adapter.A.T))
-            self._set("_Ob", owned_copy(self._xp, adapter.B))
+            self._oa = at(self._oa).set(adapter.A)
+            self._ob = at(self._ob).set(adapter.B)
 
     def start_new_task(self, adapter: Any, normalise: bool | None = None) -> None:
         """A task boundary: fold a partial window (window mode), normalise F if asked
@@ -281,9 +300,8 @@ class EwcState:
 
     def reset(self, adapter: Any) -> None:
         """F = 0, window cleared, ``theta*`` = the adapter's current weights."""
-        xp = self._xp
-        for name in ("_Fa", "_Fb", "_Sa", "_Sb"):
-            self._set(name, xp.zeros_like(getattr(self, name)))
+        self._fa, self._fb = at(self._fa).set(0), at(self._fb).set(0)
+        self._sa, self._sb = at(self._sa).set(0), at(self._sb).set(0)
         self.window_steps = 0
         self.update_optimal(adapter)
 
@@ -294,8 +312,8 @@ class EwcState:
         lam = self.config.lam if lam is None else lam
         check_float("lam", lam, 0.0)
         self.check_compatible(adapter)
-        with adapter.lock:
-            return penalty(adapter.A.T, self._Oa, self._Fa, lam) + penalty(adapter.B, self._Ob, self._Fb, lam)
+        with adapter.lock:  # A's sum runs over its rank-major memory
+            return penalty(adapter.A.T, self._oa.T, self._fa.T, lam) + penalty(adapter.B, self._ob, self._fb, lam)
 
     def penalty_grad(self, adapter: Any, lam: float | None = None) -> tuple[Array, Array]:
         """``(lam*F_a*(A - A*), lam*F_b*(B - B*))`` in the public layout."""
@@ -303,18 +321,16 @@ class EwcState:
         check_float("lam", lam, 0.0)
         self.check_compatible(adapter)
         with adapter.lock:
-            ga = penalty_grad(adapter.A.T, self._Oa, self._Fa, lam)
-            gb = penalty_grad(adapter.B, self._Ob, self._Fb, lam)
+            ga = penalty_grad(adapter.A.T, self._oa.T, self._fa.T, lam)
+            gb = penalty_grad(adapter.B, self._ob, self._fb, lam)
         return ga.T, gb
 
     def state_arrays(self) -> dict[str, Array]:
-        return {"fisher_a": self.fisher_a, "fisher_b": self.fisher_b, "optimal_a": self.optimal_a,
-                "optimal_b": self.optimal_b, "window_a": self.window_a, "window_b": self.window_b}
+        return {"fisher_a": self._fa, "fisher_b": self._fb, "optimal_a": self._oa,
+                "optimal_b": self._ob, "window_a": self._sa, "window_b": self._sb}
 
     def load_state_arrays(self, arrays: dict[str, Array], window_steps: int) -> None:
-        xp = self._xp
-        for name, key, t in (("_Fa", "fisher_a", True), ("_Fb", "fisher_b", False), ("_Oa", "optimal_a", True),
-                             ("_Ob", "optimal_b", False), ("_Sa", "window_a", True), ("_Sb", "window_b", False)):
-            a = arrays[key].T if t else arrays[key]
-            self._set(name, a if self._mutable else xp.asarray(a, copy=True))
+        self._fa, self._fb = at(self._fa).set(arrays["fisher_a"]), at(self._fb).set(arrays["fisher_b"])
+        self._oa, self._ob = at(self._oa).set(arrays["optimal_a"]), at(self._ob).set(arrays["optimal_b"])
+        self._sa, self._sb = at(self._sa).set(arrays["window_a"]), at(self._sb).set(arrays["window_b"])
         self.window_steps = int(window_steps)

@@ -1,10 +1,18 @@
 """Low-rank adapters of any rank: ``y = scaling * (x @ A) @ B (+ bias)``.
 
-``A`` is ``(in, r)``, ``B`` is ``(r, out)``, ``scaling = alpha / r`` (the
-public layout, used by checkpoints and by every property). Internally ``A``
-is stored rank-major, as a C-contiguous ``(r, in)`` array whose transpose is
-the public ``A``: the layout the C kernels load fastest, and the one they
-accept directly.
+Names (the MicroLoRA family; ``docs/ARCHITECTURE.md`` lists them): ``A`` is
+``(in, r)`` and ``B`` is ``(r, out)``, so that ``y = x @ A @ B`` with ``x`` on
+the left; PEFT's ``lora_A.weight`` is ``A.T``. ``scaling = alpha / r`` is the
+factor applied to the low-rank product (PEFT LoRA's meaning). ``delta_weight``
+is ``(out, in)`` unless asked for ``(in, out)``, like a torch ``nn.Linear``
+weight and ``triplet.delta_weight``.
+
+Storage: the arrays of adapters of one shape live stacked in a
+:class:`LoraStack`: ``A`` rank-major, as ``(m, r, in)`` memory (the layout
+the C kernels load fastest, and the one the batched forward reads directly),
+``B`` as ``(m, r, out)``, their summed gradients, and the optional bias. A
+:class:`LoraAdapter` is one slot of a stack: a stack of its own by default,
+one slot of the pool's stack in an :class:`~adalora_core.pool.AdapterPool`.
 
 The math, with ``c = scaling * reward`` (exact backprop of ``y`` for the
 upstream gradient ``reward * grad_out``)::
@@ -15,19 +23,15 @@ upstream gradient ``reward * grad_out``)::
                  count += number of examples
     apply:       theta -= (lr / count) * g;  g = 0;  count = 0
 
-Dispatch: an adapter looks its four ops up once, at construction, with
+Ops: an adapter looks its four ops up once, at construction, with
 ``backend.op(name, default)``; the defaults are the Array API functions of
 this module (and ``ewc.lora_apply_ewc``), the native backend overrides them
-with C kernels. Overrides are float32 kernels: other dtypes use the
-defaults.
-
-Mutation: on libraries with mutable arrays (NumPy, PyTorch, CuPy) the
-adapter updates its own arrays in place, and ``forward_add`` adds into the
-caller's ``out``. On other libraries (array-api-strict, the portability
-referee, whose arrays are treated as immutable) updates rebind the adapter's
-arrays and ``forward_add`` returns a new array. Either way ``forward_add``
-returns the result: write ``out = adapter.forward_add(x, out)`` to be
-portable.
+with C kernels (float32 only: other dtypes use the defaults). Every op takes
+its outputs last and returns them updated: in place where the library allows
+it (NumPy, PyTorch, CuPy), as new arrays elsewhere (JAX; array-api-strict,
+the portability referee, is treated the same way); see :mod:`._at`. So
+``forward_add`` adds into the caller's ``out`` on mutable libraries, and
+always returns the result: write ``out = adapter.forward_add(x, out)``.
 
 Thread safety: every method that reads or writes the adapter's arrays holds
 the adapter's lock (a ``threading.RLock``), so concurrent forwards and
@@ -42,18 +46,22 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from ._xp import Array, device, library_name, namespace
+from ._at import at, is_mutable, owned_copy
+from ._xp import Array, device, namespace
+from .config import MICROLORA_INITS as LORA_INITS
 from .config import check_float, check_int
 from .errors import AdaLoraWarning
+from .ewc import EwcState, lora_apply_ewc
 
 __all__ = [
     "GOLDEN",
     "LORA_INITS",
     "LoraAdapter",
+    "LoraStack",
     "golden_init",
     "is_mutable",
     "lora_accumulate",
@@ -64,16 +72,6 @@ __all__ = [
 
 #: The golden-ratio constant of the deterministic init.
 GOLDEN = 0.618033988749895
-
-LORA_INITS = ("kaiming", "deterministic")
-
-# Libraries whose arrays the core may update in place.
-_MUTABLE = frozenset({"numpy", "torch", "cupy"})
-
-
-def is_mutable(xp: Any) -> bool:
-    """True when arrays of namespace ``xp`` may be updated in place (NumPy, PyTorch, CuPy)."""
-    return library_name(xp) in _MUTABLE
 
 
 # ---------------------------------------------------------------------------
@@ -105,33 +103,39 @@ def check_rows(xname: str, x: Array, in_f: int, oname: str, o: Array, out_f: int
     return 1 if x.ndim == 1 else int(x.shape[0])
 
 
+def _check_index(xp: Any, idx: Array, n: int, m: int) -> None:
+    """``idx`` holds ``n`` integers in ``[0, m)``, or a TypeError/ValueError naming the first bad one."""
+    if not xp.isdtype(idx.dtype, "integral"):
+        raise TypeError(f"idx must be an integer array, got dtype {idx.dtype}")
+    if _shape(idx) != (n,):
+        raise ValueError(f"idx must have one entry per row of x ({n}), got shape {_shape(idx)}")
+    bad = (idx < 0) | (idx >= m)
+    if n and bool(xp.any(bad)):
+        pos = int(xp.argmax(xp.astype(bad, xp.int8)))
+        raise ValueError(f"idx[{pos}] = {int(idx[pos])} is out of range for {m} adapters (outside [0, {m}))")
+
+
 # ---------------------------------------------------------------------------
 # Array API defaults of the ops (same signatures as the native kernels)
 # ---------------------------------------------------------------------------
 
 
-def lora_forward_add(x: Array, A: Array, B: Array, scaling: float, out: Array, *, inplace: bool = True) -> Array:
-    """``out + scaling * (x @ A) @ B``; written into ``out`` when ``inplace`` (then ``out`` is returned).
+def lora_forward_add(x: Array, A: Array, B: Array, scaling: float, out: Array) -> Array:
+    """``out + scaling * (x @ A) @ B``, written into ``out`` where the library allows it.
 
     x ``(in,)`` or ``(n, in)``; A ``(in, r)``; B ``(r, out)``; out ``(out,)`` or ``(n, out)``.
     """
     namespace(x, A, B, out)  # one library, or a TypeError naming them
     check_rows("x", x, int(A.shape[0]), "out", out, int(B.shape[1]), A.dtype)
-    delta = scaling * ((x @ A) @ B)
-    if inplace:
-        out += delta
-        return out
-    return out + delta
+    return at(out).add(scaling * ((x @ A) @ B))
 
 
 def lora_accumulate(
-    x: Array, grad_out: Array, A: Array, B: Array, scaling: float, reward: float, gA: Array, gB: Array,
-    *, inplace: bool = True,
+    x: Array, grad_out: Array, A: Array, B: Array, scaling: float, reward: float, gA: Array, gB: Array
 ) -> tuple[Array, Array]:
     """``(gA + dA, gB + dB)``: the reward-scaled gradient of ``y = s (x A) B``, summed over a batch.
 
-    ``dB = s*reward * outer(x @ A, grad_out)``, ``dA = s*reward * outer(x, grad_out @ B.T)``;
-    written into ``gA``/``gB`` when ``inplace``.
+    ``dB = s*reward * outer(x @ A, grad_out)``, ``dA = s*reward * outer(x, grad_out @ B.T)``.
     """
     namespace(x, grad_out, A, B, gA, gB)
     check_rows("x", x, int(A.shape[0]), "grad_out", grad_out, int(B.shape[1]), A.dtype)
@@ -144,26 +148,16 @@ def lora_accumulate(
     else:
         dB = (c * (x @ A)).T @ grad_out
         dA = x.T @ (c * (grad_out @ B.T))
-    if inplace:
-        gA += dA
-        gB += dB
-        return gA, gB
-    return gA + dA, gB + dB
+    return at(gA).add(dA), at(gB).add(dB)
 
 
-def lora_apply(param: Array, grad: Array, lr_over_count: float, *, inplace: bool = True) -> tuple[Array, Array]:
+def lora_apply(param: Array, grad: Array, lr_over_count: float) -> tuple[Array, Array]:
     """``(param - lr_over_count * grad, 0)``: an SGD step on the summed gradient, which is cleared."""
-    if inplace:
-        param -= lr_over_count * grad
-        grad[...] = 0
-        return param, grad
-    xp = namespace(param, grad)
-    return param - lr_over_count * grad, xp.zeros_like(grad)
+    return at(param).set(param - lr_over_count * grad), at(grad).set(0)
 
 
 def lora_forward_add_batched(
-    x: Array, A_stack: Array, B_stack: Array, scaling: float | Array, idx: Array, out: Array,
-    *, inplace: bool = True,
+    x: Array, A_stack: Array, B_stack: Array, scaling: float | Array, idx: Array, out: Array
 ) -> Array:
     """Many adapters in one vectorised call: ``out[b] += s * (x[b] @ A[idx[b]]) @ B[idx[b]]``.
 
@@ -172,12 +166,11 @@ def lora_forward_add_batched(
     (``xp.take``) and two batched matmuls.
     """
     xp = namespace(x, A_stack, B_stack, out)
-    _, in_f, _ = _shape(A_stack)
+    m, in_f, _ = _shape(A_stack)
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x must be a batch (n, in), got shape {getattr(x, 'shape', None)}")
     check_rows("x", x, in_f, "out", out, int(B_stack.shape[2]), A_stack.dtype)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a batch (n, in), got shape {_shape(x)}")
-    if _shape(idx) != (int(x.shape[0]),):
-        raise ValueError(f"idx must have one entry per row of x ({x.shape[0]}), got shape {_shape(idx)}")
+    _check_index(xp, idx, int(x.shape[0]), m)
     Ag = xp.take(A_stack, idx, axis=0)  # (n, in, r)
     Bg = xp.take(B_stack, idx, axis=0)  # (n, r, out)
     h = xp.matmul(x[:, None, :], Ag)  # (n, 1, r)
@@ -186,10 +179,7 @@ def lora_forward_add_batched(
         delta = float(scaling) * delta
     else:
         delta = xp.take(scaling, idx, axis=0)[:, None] * delta
-    if inplace:
-        out += delta
-        return out
-    return out + delta
+    return at(out).add(delta)
 
 
 # ---------------------------------------------------------------------------
@@ -215,17 +205,6 @@ def all_finite(xp: Any, *arrays: Array) -> bool:
     return all(bool(xp.all(xp.isfinite(a))) for a in arrays if a is not None)
 
 
-def owned_copy(xp: Any, src: Array, like: Array | None = None) -> Array:
-    """A copy of ``src`` owned by the caller: C-contiguous on mutable libraries (so a
-    transposed source becomes rank-major memory), a plain copy elsewhere."""
-    if is_mutable(xp):
-        dev = device(like if like is not None else src)
-        out = xp.zeros(src.shape, dtype=src.dtype if like is None else like.dtype, device=dev)
-        out[...] = src
-        return out
-    return xp.asarray(src, copy=True)
-
-
 def dtype_name(xp: Any, dtype: Any) -> str:
     for name in ("float32", "float64", "float16"):
         if hasattr(xp, name) and dtype == getattr(xp, name):
@@ -234,18 +213,99 @@ def dtype_name(xp: Any, dtype: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
+# storage
+# ---------------------------------------------------------------------------
+
+
+class LoraStack:
+    """The arrays of ``capacity`` adapters of one shape, stacked: the one storage of
+    :class:`LoraAdapter` and :class:`~adalora_core.pool.AdapterPool`.
+
+    Fields (``arrays``): ``At (m, r, in)`` (A rank-major), ``B (m, r, out)``, their
+    summed gradients ``gAt``, ``gB``, and with ``use_bias`` ``bias (m, out)`` and
+    ``gbias``. :attr:`A` is ``At`` seen as ``(m, in, r)``, the form the batched
+    forward takes. Writes go through :func:`~adalora_core._at.at`, so on libraries
+    without in-place updates they replace whole arrays; ``version`` counts those
+    replacements (and every growth) so that adapters know when to refresh their
+    per-slot views. Not locked: callers hold the lock of the adapters using it.
+    """
+
+    def __init__(self, backend: Any, in_features: int, out_features: int, rank: int, dtype: str, *,
+                 capacity: int = 1, use_bias: bool = False) -> None:
+        self.backend, self.dtype_name = backend, dtype
+        self.in_features, self.out_features, self.rank, self.use_bias = in_features, out_features, rank, use_bias
+        shapes = {"At": (rank, in_features), "B": (rank, out_features), "gAt": (rank, in_features),
+                  "gB": (rank, out_features)}
+        if use_bias:
+            shapes.update(bias=(out_features,), gbias=(out_features,))
+        self._shapes = shapes
+        self.arrays: dict[str, Array] = {k: backend.zeros((capacity, *s), dtype=dtype) for k, s in shapes.items()}
+        self.version = 0
+        self._A: tuple[int, Array] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return int(self.arrays["At"].shape[0])
+
+    @property
+    def A(self) -> Array:
+        """Every adapter's ``A`` as ``(m, in, r)``: a view of the rank-major ``At``."""
+        if self._A is None or self._A[0] != self.version:
+            self._A = (self.version, self.backend.xp.permute_dims(self.arrays["At"], (0, 2, 1)))
+        return self._A[1]
+
+    @property
+    def B(self) -> Array:
+        return self.arrays["B"]
+
+    def fits(self, in_features: int, out_features: int, rank: int, dtype: str, use_bias: bool) -> bool:
+        return (self.in_features, self.out_features, self.rank, self.dtype_name, self.use_bias) == \
+            (in_features, out_features, rank, dtype, use_bias)
+
+    def grow(self, capacity: int) -> None:
+        """``capacity`` slots; the old ones keep their contents, the new ones are zero."""
+        xp, extra = self.backend.xp, capacity - self.capacity
+        for k, s in self._shapes.items():
+            self.arrays[k] = xp.concat([self.arrays[k], self.backend.zeros((extra, *s), dtype=self.dtype_name)],
+                                       axis=0)
+        self.version += 1
+
+    def write(self, slot: int, field: str, value: Any) -> None:
+        """``arrays[field][slot] = value`` (in place where the library allows it)."""
+        old = self.arrays[field]
+        new = at(old, slot).set(value)
+        if new is not old:
+            self.arrays[field] = new
+            self.version += 1
+
+    def clear(self, slot: int, fields: tuple[str, ...] = ("At", "B", "gAt", "gB", "bias", "gbias")) -> None:
+        """Zero ``fields`` (those this stack has) of ``slot``."""
+        for k in fields:
+            if k in self.arrays:
+                self.write(slot, k, 0)
+
+
+# The adapter's per-slot views: view attribute -> (stack field, stored transposed).
+_VIEWS = {"_At": ("At", False), "_A": ("At", True), "_B": ("B", False), "_gAt": ("gAt", False),
+          "_gA": ("gAt", True), "_gB": ("gB", False), "_bias": ("bias", False), "_gbias": ("gbias", False)}
+
+
+# ---------------------------------------------------------------------------
 # the adapter
 # ---------------------------------------------------------------------------
 
 
 class LoraAdapter:
-    """One module's low-rank adapter (any rank ``r >= 1``).
+    """One module's low-rank adapter (any rank ``r >= 1``): a slot of a :class:`LoraStack`.
 
     ``LoraAdapter(in_features, out_features, rank, alpha=4.0, backend=..., dtype="float32",
     seed=0, init="kaiming")``: B = 0 (the adapter starts as the identity), A
     uniform in ``±sqrt(2/in)`` from ``backend.rng(seed)`` (or ``rng=`` a
     generator), or the golden-ratio init with ``init="deterministic"``.
     ``use_bias`` adds a trainable ``(out,)`` bias (plain SGD; EWC covers A and B).
+    ``storage=(stack, slot)`` puts the adapter in a slot of an existing stack
+    (which must fit its shape, dtype and bias); by default it gets a stack of its own.
+    ``lock``: the lock to hold (a pool shares its own); fixed for the adapter's life.
 
     Counters (read them, do not set them): ``pending_updates`` (examples
     accumulated since the last step), ``forward_calls``, ``skipped_updates``
@@ -266,6 +326,7 @@ class LoraAdapter:
         use_bias: bool = False,
         rng: Any = None,
         lock: Any = None,
+        storage: tuple[LoraStack, int] | None = None,
     ) -> None:
         from .backends import get_backend
 
@@ -279,56 +340,61 @@ class LoraAdapter:
         xp = be.xp
         dt = be.dtype(dtype)
         self.dtype_name = dtype_name(xp, dt)
+        self.use_bias = bool(use_bias)
+        if storage is None:
+            storage = (LoraStack(be, in_features, out_features, rank, self.dtype_name, use_bias=self.use_bias), 0)
+        elif not storage[0].fits(in_features, out_features, rank, self.dtype_name, self.use_bias):
+            raise ValueError(f"storage holds adapters of another shape, dtype or bias than ({in_features}, "
+                             f"{out_features}, r={rank}, {self.dtype_name}, use_bias={self.use_bias})")
         self.backend = be
         self.in_features = in_features
         self.out_features = out_features
         self._rank = rank
         self.alpha = float(alpha)
         self.scaling = float(alpha) / rank
-        self.use_bias = bool(use_bias)
         self._xp = xp
-        self._mutable = is_mutable(xp)
         self._lock = lock if lock is not None else threading.RLock()  # never replaced: see forward_add
-        self._on_change: Callable[[LoraAdapter], None] | None = None
+        self._stack, self._slot = storage
         self.pending_updates = 0
         self.forward_calls = 0
         self.skipped_updates = 0
 
-        At = be.zeros((rank, in_features), dtype=dt)
+        self._stack.clear(self._slot)
         if init == "kaiming":
             bound = math.sqrt(2.0 / in_features)
             gen = rng if rng is not None else be.rng(seed)
-            At = self._fill(At, gen.uniform((rank, in_features), -bound, bound, dtype=dt))
+            At = gen.uniform((rank, in_features), -bound, bound, dtype=dt)
         else:
-            At = self._fill(At, golden_init(xp, in_features, rank, dt, device(At)))
-        self._bind(
-            At,
-            be.zeros((rank, out_features), dtype=dt),
-            be.zeros((rank, in_features), dtype=dt),
-            be.zeros((rank, out_features), dtype=dt),
-        )
-        self._bias = be.zeros((out_features,), dtype=dt) if use_bias else None
-        self._gbias = be.zeros((out_features,), dtype=dt) if use_bias else None
-        self._dtype = At.dtype
+            At = golden_init(xp, in_features, rank, dt, device(self._stack.arrays["At"]))
+        self._stack.write(self._slot, "At", At)
+        self._sync()
+        self._dtype = self._At.dtype
         self._pick_ops(be, dt)
 
     # -- plumbing ---------------------------------------------------------
 
-    def _fill(self, dst: Array, src: Array) -> Array:
-        if self._mutable:
-            dst[...] = src
-            return dst
-        return src
+    def _sync(self) -> None:
+        """Point the per-slot views at the stack's current arrays."""
+        arrays, s = self._stack.arrays, self._slot
+        for view, (field, transposed) in _VIEWS.items():
+            a = arrays[field][s, ...] if field in arrays else None
+            setattr(self, view, a.T if transposed and a is not None else a)
+        self._ver = self._stack.version
 
-    def _bind(self, At: Array, B: Array, gAt: Array, gB: Array) -> None:
-        """Point the adapter at new storage (rank-major ``At``/``gAt``) and refresh the views."""
-        self._At, self._B, self._gAt, self._gB = At, B, gAt, gB
-        self._A = At.T
-        self._gA = gAt.T
+    def _fresh(self) -> None:
+        if self._ver != self._stack.version:
+            self._sync()
+
+    def _put(self, arrays: Mapping[str, Array]) -> None:
+        """Store ``arrays`` (keyed by view: ``"_A"``, ``"_gB"``, ...) in the adapter's slot.
+        An op that updated a view in place returned that view: nothing to copy then."""
+        for view, value in arrays.items():
+            if value is not getattr(self, view):
+                field, transposed = _VIEWS[view]
+                self._stack.write(self._slot, field, value.T if transposed else value)
+        self._fresh()
 
     def _pick_ops(self, be: Any, dt: Any) -> None:
-        from .ewc import lora_apply_ewc
-
         fast = dt == be.dtype("float32")
         defaults = {
             "lora_forward_add": lora_forward_add,
@@ -336,10 +402,7 @@ class LoraAdapter:
             "lora_apply": lora_apply,
             "lora_apply_ewc": lora_apply_ewc,
         }
-        ops = {}
-        for name, fn in defaults.items():
-            d = fn if self._mutable else partial(fn, inplace=False)
-            ops[name] = be.op(name, d) if fast else d
+        ops = {name: be.op(name, fn) if fast else fn for name, fn in defaults.items()}
         self._fwd_raw = ops["lora_forward_add"]
         self._acc = ops["lora_accumulate"]
         self._apply = ops["lora_apply"]
@@ -348,16 +411,7 @@ class LoraAdapter:
         self._fwd = self._fwd_bias if self.use_bias else self._fwd_raw
 
     def _fwd_bias(self, x: Array, A: Array, B: Array, scaling: float, out: Array) -> Array:
-        r = self._fwd_raw(x, A, B, scaling, out)
-        out = out if r is None else r
-        if self._mutable:
-            out += self._bias
-            return out
-        return out + self._bias
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change(self)
+        return at(self._fwd_raw(x, A, B, scaling, out)).add(self._bias)
 
     # -- public views -------------------------------------------------------
 
@@ -378,28 +432,33 @@ class LoraAdapter:
     def dtype(self) -> Any:
         return self._dtype
 
+    def _view(self, name: str) -> Array:
+        with self._lock:
+            self._fresh()
+            return getattr(self, name)
+
     @property
     def A(self) -> Array:
         """``(in, r)``: a view of the adapter's storage on mutable libraries; do not write to it."""
-        return self._A
+        return self._view("_A")
 
     @property
     def B(self) -> Array:
         """``(r, out)``."""
-        return self._B
+        return self._view("_B")
 
     @property
     def bias(self) -> Array | None:
-        return self._bias
+        return self._view("_bias")
 
     @property
     def grad_A(self) -> Array:
         """The summed, not yet applied gradient of A ``(in, r)``."""
-        return self._gA
+        return self._view("_gA")
 
     @property
     def grad_B(self) -> Array:
-        return self._gB
+        return self._view("_gB")
 
     def param_count(self) -> int:
         return self._rank * (self.in_features + self.out_features) + (self.out_features if self.use_bias else 0)
@@ -411,6 +470,18 @@ class LoraAdapter:
     def __repr__(self) -> str:
         return (f"LoraAdapter(in={self.in_features}, out={self.out_features}, r={self._rank}, "
                 f"scaling={self.scaling}, backend={self.backend.name!r}, dtype={self.dtype_name})")
+
+    def detach(self) -> None:
+        """Move the adapter's arrays into a stack of its own (a copy); its old slot is left
+        to the stack's owner. A pool detaches an adapter it evicts, so the handle keeps working."""
+        with self._lock:
+            self._fresh()
+            own = LoraStack(self.backend, self.in_features, self.out_features, self._rank, self.dtype_name,
+                            use_bias=self.use_bias)
+            for field, a in self._stack.arrays.items():
+                own.write(0, field, a[self._slot, ...])
+            self._stack, self._slot = own, 0
+            self._sync()
 
     # -- forward ------------------------------------------------------------
 
@@ -424,18 +495,20 @@ class LoraAdapter:
         lock = self._lock  # release exactly the lock acquired
         lock.acquire()  # try/finally: cheaper than a with-statement on this hot path
         try:
-            r = self._fwd(x, self._A, self._B, self.scaling, out)
+            if self._ver != self._stack.version:
+                self._sync()
+            out = self._fwd(x, self._A, self._B, self.scaling, out)
             self.forward_calls += 1
         finally:
             lock.release()
-        return out if r is None else r
+        return out
 
     def forward(self, x: Array) -> Array:
         """``scaling * (x @ A) @ B (+ bias)``: a new ``(out,)`` or ``(n, out)`` array."""
         if getattr(x, "ndim", None) not in (1, 2):
             raise ValueError(f"x must be (in,) or (n, in), got shape {getattr(x, 'shape', None)}")
         shape = (self.out_features,) if x.ndim == 1 else (int(x.shape[0]), self.out_features)
-        out = self._xp.zeros(shape, dtype=self._dtype, device=device(self._B))
+        out = self._xp.zeros(shape, dtype=self._dtype, device=device(self._stack.arrays["B"]))
         return self.forward_add(x, out)
 
     # -- gradients ----------------------------------------------------------
@@ -447,17 +520,13 @@ class LoraAdapter:
         """
         check_float("reward", reward)
         with self._lock:
+            self._fresh()
             n = 1 if getattr(x, "ndim", None) == 1 else int(x.shape[0]) if getattr(x, "ndim", None) == 2 else 0
-            r = self._acc(x, grad_out, self._A, self._B, self.scaling, reward, self._gA, self._gB)
-            if r is not None and not self._mutable:
-                gA, gB = r
-                self._bind(self._At, self._B, gA.T, gB)
+            gA, gB = self._acc(x, grad_out, self._A, self._B, self.scaling, reward, self._gA, self._gB)
+            self._put({"_gA": gA, "_gB": gB})
             if self._gbias is not None:
                 g = grad_out if grad_out.ndim == 1 else self._xp.sum(grad_out, axis=0)
-                if self._mutable:
-                    self._gbias += float(reward) * g
-                else:
-                    self._gbias = self._gbias + float(reward) * g
+                self._put({"_gbias": at(self._gbias).add(float(reward) * g)})
             self.pending_updates += n
         return n
 
@@ -467,20 +536,13 @@ class LoraAdapter:
             self._zero_grads()
 
     def _zero_grads(self) -> None:
-        xp = self._xp
-        if self._mutable:
-            self._gAt[...] = 0
-            self._gB[...] = 0
-            if self._gbias is not None:
-                self._gbias[...] = 0
-        else:
-            self._bind(self._At, self._B, xp.zeros_like(self._gAt), xp.zeros_like(self._gB))
-            if self._gbias is not None:
-                self._gbias = xp.zeros_like(self._gbias)
+        self._stack.clear(self._slot, ("gAt", "gB", "gbias"))
+        self._fresh()
         self.pending_updates = 0
 
     def _ready(self) -> bool:
         """True when a step should run; drops (and counts) a non-finite gradient."""
+        self._fresh()
         if self.pending_updates == 0:
             return False
         if not all_finite(self._xp, self._gAt, self._gB, self._gbias):
@@ -495,7 +557,7 @@ class LoraAdapter:
         warnings.warn(f"skipped an update of {self!r}: {why}; the gradient was discarded and the weights "
                       "were left unchanged", AdaLoraWarning, stacklevel=5)
 
-    def _step(self, run: Callable[[], None], ewc: Any) -> bool:
+    def _step(self, run: Callable[[], None], ewc: EwcState | None) -> bool:
         """Run the step ``run`` (which clears the gradient); keep it only if all it wrote is finite.
 
         A finite gradient can still overflow: a huge ``lr``, the explicit EWC
@@ -503,41 +565,31 @@ class LoraAdapter:
         Then the weights, the bias and ``ewc``'s Fisher and window sums are put
         back and the update is skipped and counted: nothing non-finite is written.
         """
-        xp = self._xp
-        parts = [(self, "_At"), (self, "_B")] + ([(self, "_bias")] if self._bias is not None else [])
-        if ewc is not None:
-            parts += [(ewc, k) for k in ("_Fa", "_Fb", "_Sa", "_Sb")]
-        saved = [owned_copy(xp, getattr(o, k)) if self._mutable else getattr(o, k) for o, k in parts]
-        window_steps = ewc.window_steps if ewc is not None else 0
+        weights = ("_At", "_B") + (("_bias",) if self._bias is not None else ())
+        saved = {k: owned_copy(getattr(self, k)) for k in weights}
+        snapshot = ewc.snapshot() if ewc is not None else None
         n = self.pending_updates
         run()
-        if all_finite(xp, *(getattr(o, k) for o, k in parts)):
-            self.pending_updates = 0
-            self._changed()
-            return True
-        for (o, k), a in zip(parts, saved):
-            if self._mutable:
-                getattr(o, k)[...] = a
-            else:
-                setattr(o, k, a)
-        self._bind(self._At, self._B, self._gAt, self._gB)
+        self._fresh()
+        written = [getattr(self, k) for k in weights]
         if ewc is not None:
-            ewc.window_steps = window_steps
+            written += [ewc.fisher_a, ewc.fisher_b, ewc.window_a, ewc.window_b]
+        if all_finite(self._xp, *written):
+            self.pending_updates = 0
+            return True
+        self._put(saved)
+        if ewc is not None:
+            ewc.restore(snapshot)
         self._skip(f"the step over {n} examples is not finite (an overflow: lower lr, or lam with the "
                    "explicit EWC update)")
         return False
 
     def _step_bias(self, lr_over_count: float) -> None:
-        if self._bias is None:
-            return
-        if self._mutable:
-            self._bias -= lr_over_count * self._gbias
-            self._gbias[...] = 0
-        else:
-            self._bias = self._bias - lr_over_count * self._gbias
-            self._gbias = self._xp.zeros_like(self._gbias)
+        if self._bias is not None:
+            bias, gbias = lora_apply(self._bias, self._gbias, lr_over_count)
+            self._put({"_bias": bias, "_gbias": gbias})
 
-    def apply_gradients(self, lr: float, *, ewc: Any = None, update_fisher: bool | None = None) -> bool:
+    def apply_gradients(self, lr: float, *, ewc: EwcState | None = None, update_fisher: bool | None = None) -> bool:
         """``theta -= (lr / count) * g``, then clear the gradient. Returns whether a step ran.
 
         No-op when nothing is pending. A non-finite accumulated gradient, or a
@@ -560,18 +612,13 @@ class LoraAdapter:
 
     def _step_sgd(self, lr: float) -> None:
         s = float(lr) / self.pending_updates
-        At, _ = self._call_apply(self._At, self._gAt, s)
-        B, _ = self._call_apply(self._B, self._gB, s)
-        if not self._mutable:
-            self._bind(At, B, self._xp.zeros_like(self._gAt), self._xp.zeros_like(self._gB))
+        At, gAt = self._apply(self._At, self._gAt, s)
+        B, gB = self._apply(self._B, self._gB, s)
+        self._put({"_At": At, "_gAt": gAt, "_B": B, "_gB": gB})
         self._step_bias(s)
 
-    def _call_apply(self, p: Array, g: Array, s: float) -> tuple[Array, Array]:
-        r = self._apply(p, g, s)
-        return (p, g) if r is None else r
-
     def apply_gradients_with_ewc(
-        self, lr: float, ewc: Any, lam: float | None = None, *, update_fisher: bool | None = None
+        self, lr: float, ewc: EwcState, lam: float | None = None, *, update_fisher: bool | None = None
     ) -> bool:
         """A step with the EWC++ penalty ``lam/2 * sum F (theta - theta*)^2``.
 
@@ -593,38 +640,32 @@ class LoraAdapter:
                 return False
             return self._step(partial(self._step_ewc, lr, lam, ewc, feed, ewc.config.update == "proximal"), ewc)
 
-    def _step_ewc(self, lr: float, lam: float, ewc: Any, feed: bool, proximal: bool) -> None:
+    def _step_ewc(self, lr: float, lam: float, ewc: EwcState, feed: bool, proximal: bool) -> None:
         inv = 1.0 / self.pending_updates
-        cfg = ewc.config
-        ema = feed and cfg.mode == "ema"
-        if feed and cfg.mode == "window":
-            ewc._observe_window_t(self._gAt * inv, self._gB * inv)
-        pa = self._apply_ewc(self._At, self._gAt, inv, float(lr), float(lam), ewc._Fa, ewc._Oa,
-                             cfg.decay, proximal, ema)
-        pb = self._apply_ewc(self._B, self._gB, inv, float(lr), float(lam), ewc._Fb, ewc._Ob,
-                             cfg.decay, proximal, ema)
-        if pa is not None and not self._mutable:
-            self._bind(pa[0], pb[0], pa[1], pb[1])
-            ewc._Fa, ewc._Fb = pa[2], pb[2]
+        A, gA, B, gB = ewc.step(self._A, self._gA, self._B, self._gB, inv, float(lr), float(lam),
+                                update_fisher=feed, proximal=proximal, apply=self._apply_ewc)
+        self._put({"_A": A, "_gA": gA, "_B": B, "_gB": gB})
         self._step_bias(float(lr) * inv)
 
     # -- weights ------------------------------------------------------------
 
-    def delta_weight(self, layout: str = "in_out") -> Array:
-        """``scaling * A @ B`` as ``(in, out)``; ``layout="out_in"`` gives torch ``nn.Linear``'s ``(out, in)``."""
+    def delta_weight(self, layout: str = "out_in") -> Array:
+        """``scaling * A @ B`` as torch ``nn.Linear``'s ``(out, in)`` (the library's default, as
+        ``triplet.delta_weight``); ``layout="in_out"`` gives ``(in, out)`` (``y = x @ W``)."""
         if layout not in ("in_out", "out_in"):
-            raise ValueError(f"layout={layout!r} is invalid: must be 'in_out' (W is (in, out)) or "
-                             "'out_in' (torch nn.Linear weight, (out, in))")
+            raise ValueError(f"layout={layout!r} is invalid: must be 'out_in' (torch nn.Linear weight, "
+                             "(out, in)) or 'in_out' (W is (in, out))")
         with self._lock:
+            self._fresh()
             if layout == "in_out":
                 return self.scaling * (self._A @ self._B)
             return self.scaling * (self._B.T @ self._At)
 
-    def merge_into(self, W: Array, layout: str = "in_out") -> Array:
+    def merge_into(self, W: Array, layout: str = "out_in") -> Array:
         """``W += scaling * A @ B`` (bias not included); returns ``W``.
 
-        ``layout="in_out"``: W is ``(in, out)`` (this module's convention, ``y = x @ W``);
-        ``layout="out_in"``: W is ``(out, in)`` (torch ``nn.Linear.weight``, ``y = x @ W.T``).
+        ``layout="out_in"`` (default): W is ``(out, in)`` (torch ``nn.Linear.weight``, ``y = x @ W.T``);
+        ``layout="in_out"``: W is ``(in, out)`` (``y = x @ W``).
         In place on mutable libraries, a new array otherwise; W's dtype is kept.
         """
         delta = self.delta_weight(layout)
@@ -634,37 +675,25 @@ class LoraAdapter:
         xp = namespace(W, delta)
         if W.dtype != delta.dtype:
             delta = xp.astype(delta, W.dtype)
-        if self._mutable:
-            W += delta
-            return W
-        return W + delta
+        return at(W).add(delta)
 
     def set_weights(self, A: Array, B: Array, bias: Array | None = None) -> None:
         """Copy ``A (in, r)``, ``B (r, out)`` (and ``bias``) into the adapter, after checking them."""
-        xp = self._xp
         want = {"A": (self.in_features, self._rank), "B": (self._rank, self.out_features)}
         for name, a in (("A", A), ("B", B)):
             self._check_array(name, a, want[name])
         if bias is not None:
-            if self._bias is None:
+            if not self.use_bias:
                 raise ValueError("bias given but the adapter has use_bias=False")
             self._check_array("bias", bias, (self.out_features,))
-        if not all_finite(xp, A, B, bias):
+        if not all_finite(self._xp, A, B, bias):
             raise ValueError("weights must be finite")
         with self._lock:
-            if self._mutable:
-                self._At[...] = A.T
-                self._B[...] = B
-                if bias is not None:
-                    self._bias[...] = bias
-            else:
-                self._bind(xp.asarray(A.T, copy=True), xp.asarray(B, copy=True), self._gAt, self._gB)
-                if bias is not None:
-                    self._bias = xp.asarray(bias, copy=True)
-            self._changed()
+            self._fresh()
+            self._put({"_A": A, "_B": B} if bias is None else {"_A": A, "_B": B, "_bias": bias})
 
     def _check_array(self, name: str, a: Array, shape: tuple[int, ...]) -> None:
-        namespace(a, self._B)  # same library, or a TypeError naming both
+        namespace(a, self._stack.arrays["B"])  # same library, or a TypeError naming both
         if _shape(a) != shape:
             raise ValueError(f"{name} has shape {_shape(a)}, expected {shape}")
         if a.dtype != self._dtype:
@@ -673,54 +702,37 @@ class LoraAdapter:
     def reset(self) -> None:
         """B = 0 (and bias = 0), gradients cleared, counters zeroed; A is kept (so the adapter is the identity again)."""
         with self._lock:
-            if self._mutable:
-                self._B[...] = 0
-                if self._bias is not None:
-                    self._bias[...] = 0
-            else:
-                self._bind(self._At, self._xp.zeros_like(self._B), self._gAt, self._gB)
-                if self._bias is not None:
-                    self._bias = self._xp.zeros_like(self._bias)
+            self._stack.clear(self._slot, ("B", "bias"))
             self._zero_grads()
             self.forward_calls = 0
             self.skipped_updates = 0
-            self._changed()
 
     # -- state (checkpoints) --------------------------------------------------
 
     def state_arrays(self) -> dict[str, Array]:
         """The adapter's arrays in the public layout (views on mutable libraries; copy them under ``lock``)."""
-        out = {"lora_A": self._A, "lora_B": self._B, "grad_A": self._gA, "grad_B": self._gB}
-        if self._bias is not None:
-            out["bias"] = self._bias
-            out["grad_bias"] = self._gbias
-        return out
+        with self._lock:
+            self._fresh()
+            out = {"lora_A": self._A, "lora_B": self._B, "grad_A": self._gA, "grad_B": self._gB}
+            if self._bias is not None:
+                out["bias"] = self._bias
+                out["grad_bias"] = self._gbias
+            return out
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         i, r, o = self.in_features, self._rank, self.out_features
         spec = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
-        if self._bias is not None:
+        if self.use_bias:
             spec["bias"] = (o,)
             spec["grad_bias"] = (o,)
         return spec
 
     def load_state_arrays(self, arrays: dict[str, Array], pending: int) -> None:
         """Inverse of :meth:`state_arrays` (arrays already checked and on this backend)."""
-        xp = self._xp
+        views = {"_A": "lora_A", "_B": "lora_B", "_gA": "grad_A", "_gB": "grad_B"}
+        if self.use_bias:
+            views.update(_bias="bias", _gbias="grad_bias")
         with self._lock:
-            if self._mutable:
-                self._At[...] = arrays["lora_A"].T
-                self._B[...] = arrays["lora_B"]
-                self._gAt[...] = arrays["grad_A"].T
-                self._gB[...] = arrays["grad_B"]
-                if self._bias is not None:
-                    self._bias[...] = arrays["bias"]
-                    self._gbias[...] = arrays["grad_bias"]
-            else:
-                self._bind(*(xp.asarray(a, copy=True) for a in (
-                    arrays["lora_A"].T, arrays["lora_B"], arrays["grad_A"].T, arrays["grad_B"])))
-                if self._bias is not None:
-                    self._bias = xp.asarray(arrays["bias"], copy=True)
-                    self._gbias = xp.asarray(arrays["grad_bias"], copy=True)
+            self._fresh()
+            self._put({view: arrays[key] for view, key in views.items()})
             self.pending_updates = int(pending)
-            self._changed()

@@ -34,10 +34,10 @@ from .checkpoint import (
     PREFIX,
     Header,
     load_arrays,
-    read_header,
     read_peft_dir,
     save_arrays,
     save_peft_dir,
+    validate,
 )
 from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
@@ -261,14 +261,7 @@ class MicroLoRA:
             raise self._unknown(module)
         if not self._enabled:
             return out
-        lock = ad._lock  # release exactly the lock acquired
-        lock.acquire()  # try/finally: cheaper than a with-statement on this hot path
-        try:
-            r = ad._fwd(x, ad._A, ad._B, ad.scaling, out)
-            ad.forward_calls += 1
-        finally:
-            lock.release()
-        return out if r is None else r
+        return ad.forward_add(x, out)
 
     # -- learning ----------------------------------------------------------------
 
@@ -404,8 +397,9 @@ class MicroLoRA:
             total = p if total is None else total + p
         return total
 
-    def merge_into_base(self, module: str, W: Array, layout: str = "in_out") -> Array:
-        """``W += scaling * A @ B`` for ``module``; ``layout="out_in"`` for a torch ``nn.Linear`` weight."""
+    def merge_into_base(self, module: str, W: Array, layout: str = "out_in") -> Array:
+        """``W += scaling * A @ B`` for ``module``: W ``(out, in)`` as a torch ``nn.Linear`` weight
+        (the default), or ``layout="in_out"`` for ``(in, out)``."""
         return self.adapter(module).merge_into(W, layout)
 
     def reset(self) -> None:
@@ -466,7 +460,7 @@ class MicroLoRA:
         finite values, counters) before the object is built: a bad file
         raises :class:`~adalora_core.errors.CheckpointError` and nothing is created.
         """
-        meta = read_header(path).meta  # the arrays are read once the shapes it implies are checked
+        host, meta = load_arrays(path)
         where = str(path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"{where}: not a MicroLoRA checkpoint (format {meta.get('format')!r}, "
@@ -507,7 +501,7 @@ class MicroLoRA:
                              "ewc.optimal_b": (r, o), "ewc.window_a": (i, r), "ewc.window_b": (r, o)})
             for k, shape in spec.items():
                 expect[f"{m}.{k}"] = (shape, saved_dtype)
-        host, _ = load_arrays(path, expect, meta=meta)
+        validate(host, expect, where)
         for m in config.target_modules:
             for k in ("ewc.fisher_a", "ewc.fisher_b", "ewc.window_a", "ewc.window_b"):
                 key = f"{m}.{k}"

@@ -1,25 +1,26 @@
 """Many adapters at once: one per session or tenant, served in one batched call.
 
-An :class:`AdapterPool` keeps every adapter of one shape stacked, ``A`` as
-``(m, in, r)`` (rank-major memory) and ``B`` as ``(m, r, out)``, so that a
-batch in which request ``b`` uses adapter ``idx[b]``::
+An :class:`AdapterPool` keeps every adapter of one shape in one
+:class:`~adalora_core.lora.LoraStack`: ``A`` as ``(m, in, r)`` (rank-major
+memory) and ``B`` as ``(m, r, out)``, so that a batch in which request ``b``
+uses adapter ``idx[b]``::
 
     out[b] += scaling * (x[b] @ A[idx[b]]) @ B[idx[b]]
 
-is one call: a gather (``xp.take``) and two batched matmuls on the Array API,
-one C call (``lora_forward_add_batched``) on the native backend. Feedback
-for a batch is accumulated into each request's own adapter
-(:meth:`AdapterPool.adapt_batched`).
+is one call on the stacks as they are stored: a gather (``xp.take``) and two
+batched matmuls on the Array API, one C call (``lora_forward_add_batched``)
+on the native backend, at every rank. Feedback for a batch is accumulated
+into each request's own adapter (:meth:`AdapterPool.adapt_batched`).
 
-Each session's adapter is a :class:`~adalora_core.lora.LoraAdapter` whose
-arrays, on mutable libraries, are views into the stacks (so single-adapter
-calls and batched calls see the same weights); on immutable libraries the
-stacks are rebuilt from the adapters when one has changed. Slots are stable:
-an index stays valid until its session is evicted (a freed slot is zeroed, so
-it adds nothing, and is reused by the next ``create``). The pool and all its
-adapters share one lock, which an evicted adapter keeps: a request on a handle
-that is evicted meanwhile completes on the handle's own copy of the weights; a
-request by session id after the eviction raises KeyError.
+Each session's adapter is a :class:`~adalora_core.lora.LoraAdapter` on one
+slot of the pool's stack, so single-adapter calls and batched calls read the
+same arrays. Slots are stable: an index stays valid until its session is
+evicted (a freed slot is zeroed, so it adds nothing, and is reused by the
+next ``create``). The pool and all its adapters share one lock, which an
+evicted adapter keeps: eviction detaches the adapter onto a copy of its
+arrays, so a request on a handle that is evicted meanwhile completes on the
+handle's own copy of the weights; a request by session id after the
+eviction raises KeyError.
 """
 
 from __future__ import annotations
@@ -31,19 +32,18 @@ import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
-from ._xp import Array, host_np, namespace
-from .checkpoint import load_arrays, read_header, save_arrays
+from ._xp import Array, host_np
+from .checkpoint import load_arrays, save_arrays, validate
 from .config import check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .lora import (
     LORA_INITS,
     LoraAdapter,
+    LoraStack,
     all_finite,
     check_rows,
     dtype_name,
-    is_mutable,
     lora_forward_add_batched,
-    owned_copy,
 )
 
 __all__ = ["POOL_FORMAT", "POOL_FORMAT_VERSION", "AdapterPool"]
@@ -94,70 +94,34 @@ class AdapterPool:
         self.init = init
         self.seed = seed
         self._rng = be.rng(seed)
-        self._mutable = is_mutable(self._xp)
         self._lock = threading.RLock()
+        self._stack = LoraStack(be, in_features, out_features, rank, self.dtype_name, capacity=capacity)
         self._slots: dict[Hashable, int] = {}
-        self._owners: list[Hashable | None] = []
-        self._adapters: list[LoraAdapter | None] = []
-        self._free: list[int] = []
+        self._adapters: list[LoraAdapter | None] = [None] * capacity
+        self._free = list(range(capacity))  # a heap: the lowest free slot first
         self.forward_calls = 0
         self.skipped_requests = 0
-        self._alloc(capacity)
-        self.dtype = self._At.dtype
+        self.dtype = self._stack.B.dtype
         fast = dt == be.dtype("float32")
-        default = lora_forward_add_batched
-        if not self._mutable:
-            def default(*a: Any, _f: Any = lora_forward_add_batched) -> Any:
-                return _f(*a, inplace=False)
-        self._bfwd = be.op("lora_forward_add_batched", default) if fast else default
-        self._dirty = False
+        self._bfwd = be.op("lora_forward_add_batched", lora_forward_add_batched) if fast else lora_forward_add_batched
 
     # -- storage ---------------------------------------------------------------
 
-    def _alloc(self, capacity: int) -> None:
-        """Stacks of ``capacity`` slots (the old contents copied, live adapters re-pointed)."""
-        be, xp = self.backend, self._xp
-        r, i, o = self.rank, self.in_features, self.out_features
-        old = len(self._owners)
-        if self._mutable:
-            new = [be.zeros((capacity, r, i), dtype=self.dtype_name), be.zeros((capacity, r, o), dtype=self.dtype_name),
-                   be.zeros((capacity, r, i), dtype=self.dtype_name), be.zeros((capacity, r, o), dtype=self.dtype_name)]
-            if old:
-                for dst, src in zip(new, (self._At, self._B, self._gAt, self._gB)):
-                    dst[:old, ...] = src
-            self._At, self._B, self._gAt, self._gB = new
-            self._A_view = xp.permute_dims(self._At, (0, 2, 1))
-            for s, ad in enumerate(self._adapters):
-                if ad is not None:
-                    ad._bind(self._At[s], self._B[s], self._gAt[s], self._gB[s])
-        else:
-            self._At = be.zeros((capacity, r, i), dtype=self.dtype_name)
-            self._B = be.zeros((capacity, r, o), dtype=self.dtype_name)
-            self._dirty = True
-        self._owners.extend([None] * (capacity - old))
+    def _grow(self, capacity: int) -> None:
+        """``capacity`` slots (live adapters keep theirs and see the new stack)."""
+        old = self.capacity
+        self._stack.grow(capacity)
         self._adapters.extend([None] * (capacity - old))
         for s in range(old, capacity):
             heapq.heappush(self._free, s)
 
-    def _mark_dirty(self, _adapter: Any = None) -> None:
-        self._dirty = True
-
     def _stacks(self) -> tuple[Array, Array]:
-        """``(A_stack (m, in, r), B_stack (m, r, out))`` as the batched op reads them."""
-        if self._mutable:
-            return self._A_view, self._B
-        if self._dirty:
-            xp = self._xp
-            zA = xp.zeros_like(self._At[0, ...])
-            zB = xp.zeros_like(self._B[0, ...])
-            self._At = xp.stack([zA if ad is None else ad._At for ad in self._adapters])
-            self._B = xp.stack([zB if ad is None else ad._B for ad in self._adapters])
-            self._dirty = False
-        return self._xp.permute_dims(self._At, (0, 2, 1)), self._B
+        """``(A_stack (m, in, r), B_stack (m, r, out))`` as the batched op reads them: the storage itself."""
+        return self._stack.A, self._stack.B
 
     @property
     def capacity(self) -> int:
-        return len(self._owners)
+        return self._stack.capacity
 
     # -- sessions ----------------------------------------------------------------
 
@@ -167,21 +131,12 @@ class AdapterPool:
             if session_id in self._slots:
                 raise ValueError(f"session {session_id!r} already has an adapter; get() it or evict() it first")
             if not self._free:
-                self._alloc(2 * self.capacity)
+                self._grow(2 * self.capacity)
             slot = heapq.heappop(self._free)
             ad = LoraAdapter(self.in_features, self.out_features, self.rank, self.alpha, backend=self.backend,
-                             dtype=self.dtype_name, init=self.init, rng=self._rng, lock=self._lock)
-            if self._mutable:
-                self._At[slot, ...] = ad._At
-                self._B[slot, ...] = 0
-                self._gAt[slot, ...] = 0
-                self._gB[slot, ...] = 0
-                ad._bind(self._At[slot], self._B[slot], self._gAt[slot], self._gB[slot])
-            else:
-                ad._on_change = self._mark_dirty
-                self._dirty = True
+                             dtype=self.dtype_name, init=self.init, rng=self._rng, lock=self._lock,
+                             storage=(self._stack, slot))
             self._slots[session_id] = slot
-            self._owners[slot] = session_id
             self._adapters[slot] = ad
             return ad
 
@@ -204,19 +159,9 @@ class AdapterPool:
             if slot is None:
                 raise KeyError(f"no adapter for session {session_id!r}")
             ad = self._adapters[slot]
-            if self._mutable:
-                if ad is not None:  # the evicted handle keeps working on its own copy, under the same lock
-                    xp = self._xp
-                    ad._bind(*(owned_copy(xp, a) for a in (ad._At, ad._B, ad._gAt, ad._gB)))
-                self._At[slot, ...] = 0
-                self._B[slot, ...] = 0
-                self._gAt[slot, ...] = 0
-                self._gB[slot, ...] = 0
-            else:
-                if ad is not None:
-                    ad._on_change = None
-                self._dirty = True
-            self._owners[slot] = None
+            if ad is not None:  # the evicted handle keeps working on its own copy, under the same lock
+                ad.detach()
+            self._stack.clear(slot)
             self._adapters[slot] = None
             heapq.heappush(self._free, slot)
 
@@ -243,20 +188,17 @@ class AdapterPool:
     def indices(self, session_ids: Sequence[Hashable]) -> Array:
         """The stack indices of ``session_ids``, an int64 array of this backend."""
         with self._lock:
-            missing = [s for s in session_ids if s not in self._slots]
-            if missing:
-                raise KeyError(f"no adapter for sessions {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            return self.backend.asarray([self._slots[s] for s in session_ids], dtype="int64")
+            try:
+                slots = [self._slots[s] for s in session_ids]
+            except KeyError:
+                missing = [s for s in session_ids if s not in self._slots]
+                raise KeyError(f"no adapter for sessions {missing[:5]}{' ...' if len(missing) > 5 else ''}") \
+                    from None
+            return self.backend.asarray(slots, dtype="int64")
 
     def _index(self, sessions: Any, n: int) -> Array:
+        """An index array as given (the op checks it), or the slots of n session ids."""
         if hasattr(sessions, "dtype") and hasattr(sessions, "shape"):
-            xp = namespace(sessions)
-            if not xp.isdtype(sessions.dtype, "integral"):
-                raise TypeError(f"an index array must be integral, got dtype {sessions.dtype}")
-            if tuple(sessions.shape) != (n,):
-                raise ValueError(f"idx must have one entry per row of x ({n}), got shape {tuple(sessions.shape)}")
-            if n and not bool(xp.all((sessions >= 0) & (sessions < self.capacity))):
-                raise ValueError(f"idx has entries outside [0, {self.capacity})")
             return sessions
         ids = list(sessions)
         if len(ids) != n:
@@ -272,12 +214,11 @@ class AdapterPool:
         with self._lock:
             if getattr(x, "ndim", None) != 2:
                 raise ValueError(f"x must be a batch (n, in), got shape {getattr(x, 'shape', None)}")
-            check_rows("x", x, self.in_features, "out", out, self.out_features, self.dtype)
             idx = self._index(sessions, int(x.shape[0]))
             A, B = self._stacks()
-            r = self._bfwd(x, A, B, self.scaling, idx, out)
+            out = self._bfwd(x, A, B, self.scaling, idx, out)  # checks x, out and idx
             self.forward_calls += 1
-        return out if r is None else r
+        return out
 
     def forward_batched(self, x: Array, sessions: Any) -> Array:
         """A new ``(n, out)`` array: each request's adapter output."""
@@ -394,7 +335,7 @@ class AdapterPool:
     @classmethod
     def load(cls, path: Any, backend: Any = None, *, dtype: Any = None) -> AdapterPool:
         """A pool from :meth:`save`'s file; everything is checked first (CheckpointError)."""
-        meta = read_header(path).meta  # the arrays are read once the shapes it implies are checked
+        host, meta = load_arrays(path)
         where = str(path)
         if not isinstance(meta, dict) or meta.get("format") != POOL_FORMAT:
             raise CheckpointError(f"{where}: not an adapter-pool checkpoint")
@@ -424,8 +365,8 @@ class AdapterPool:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
         dt = meta["dtype"]
-        host, _ = load_arrays(path, {"lora_A": ((n, i, r), dt), "lora_B": ((n, r, o), dt),
-                                     "grad_A": ((n, i, r), dt), "grad_B": ((n, r, o), dt)}, meta=meta)
+        validate(host, {"lora_A": ((n, i, r), dt), "lora_B": ((n, r, o), dt),
+                        "grad_A": ((n, i, r), dt), "grad_B": ((n, r, o), dt)}, where)
         pool = cls(i, o, r, meta["alpha"], backend=backend, dtype=dt if dtype is None else dtype,
                    seed=meta["seed"] if isinstance(meta.get("seed"), int) else 0, init=meta["init"],
                    capacity=max(n, 1))
