@@ -3,7 +3,8 @@
 Two layers:
 
 * ``save_arrays`` / ``load_arrays``: one ``.safetensors`` file whose header
-  metadata carries a JSON document (an object).
+  metadata carries a JSON document (an object); ``read_header`` gives its
+  shapes and metadata without reading an array.
 * ``save_adapter`` / ``load_adapter``: PEFT's AdaLoRA directory layout
   (``adapter_model.safetensors`` + ``adapter_config.json``), rank-pattern
   slicing included, so directories move between this library and PEFT.
