@@ -34,14 +34,16 @@ from typing import Any
 import numpy as np
 
 from . import reference as R
+from .common import DTYPES, EXACT, TOL
+from .common import Draw as _Draw
+from .common import available_cycle as _available_cycle
+from .common import dev as _dev
+from .common import host as _host
+from .common import partner as _partner
+from .common import round_to as _round
+from .common import spec_name as _spec_name
 
-__all__ = ["EXACT", "TOL", "Case", "Skip", "adalora_cases", "all_cases", "as_case", "extra_sources"]
-
-#: Default tolerances of ``max|got - ref| / max(1, max|ref|)``.
-TOL = {"float32": 1e-5, "float64": 1e-10}
-#: Integer-valued results (schedules, patterns): no difference allowed.
-EXACT = {"float32": 0.0, "float64": 0.0}
-DTYPES = ("float32", "float64")
+__all__ = ["DTYPES", "EXACT", "TOL", "Case", "Skip", "adalora_cases", "all_cases", "as_case", "extra_sources"]
 
 
 class Skip(Exception):
@@ -70,64 +72,8 @@ class Case:
 
 
 # ---------------------------------------------------------------------------
-# helpers: seeded inputs, transfers, output checks
+# helpers (the shared ones are in common.py)
 # ---------------------------------------------------------------------------
-
-
-def _round(a: Any, dtype: str) -> np.ndarray:
-    """``a`` rounded to ``dtype`` and held in float64 (what both sides start from)."""
-    return np.asarray(a, dtype=np.dtype(dtype)).astype(np.float64)
-
-
-class _Draw:
-    """Seeded draws, rounded to the case's dtype."""
-
-    def __init__(self, seed: Any, dtype: str) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.dtype = dtype
-
-    def normal(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
-        return _round(self.rng.normal(0.0, scale, size=shape), self.dtype)
-
-    def uniform(self, shape: tuple[int, ...], low: float, high: float) -> np.ndarray:
-        return _round(self.rng.uniform(low, high, size=shape), self.dtype)
-
-    def signed(self, shape: tuple[int, ...], low: float = 0.5, high: float = 1.5) -> np.ndarray:
-        """Magnitudes in ``[low, high)`` with random signs (never near zero)."""
-        mag = self.rng.uniform(low, high, size=shape)
-        sign = np.where(self.rng.random(size=shape) < 0.5, -1.0, 1.0)
-        return _round(mag * sign, self.dtype)
-
-
-def _dev(b: Any, a: Any, dtype: str) -> Any:
-    """Host array ``a`` on backend ``b`` as ``dtype``."""
-    return b.asarray(np.ascontiguousarray(np.asarray(a, dtype=np.float64)), dtype=dtype)
-
-
-def _library(xp: Any) -> str:
-    from adalora_core._xp import library_name
-
-    return library_name(xp)
-
-
-def _host(b: Any, x: Any, dtype: str | None, what: str = "output") -> np.ndarray:
-    """A host copy of ``x`` after checking it is ``b``'s kind of array, on ``b``'s device, of ``dtype``.
-
-    ("Array type in equals array type out": a result that silently moved to
-    NumPy, to another device or to another precision is a failure.)
-    """
-    from adalora_core._xp import device, namespace
-
-    from .runner import same_device
-
-    lib, want = _library(namespace(x)), _library(b.xp)
-    if lib != want:
-        raise AssertionError(f"{what} is a {lib} array ({type(x).__name__}), expected {want}")
-    if not same_device(device(x), b.device):
-        raise AssertionError(f"{what} lives on device {device(x)!r}, expected {b.device!r}")
-    if dtype is not None and x.dtype != b.dtype(dtype):
-        raise AssertionError(f"{what} has dtype {x.dtype}, expected {dtype}")
-    return np.array(b.to_numpy(x), copy=True)
 
 
 def _mask_array(pattern: Mapping[str, Sequence[bool]] | None, names: Sequence[str], r: int) -> np.ndarray:
@@ -138,48 +84,6 @@ def _mask_array(pattern: Mapping[str, Sequence[bool]] | None, names: Sequence[st
     if set(pattern) != keys:
         raise AssertionError(f"rank pattern keys {sorted(pattern)} != {sorted(keys)}")
     return np.array([[bool(v) for v in pattern[f"{n}.lora_E"]] for n in names], dtype=bool)
-
-
-_BACKEND_CYCLE = ("numpy", "native", "array_api_strict", "array_api_strict:device1", "torch", "cupy")
-_cycle_cache: list[Any] | None = None
-
-
-def _spec_backend(spec: str) -> Any:
-    from adalora_core.backends import get_backend
-
-    name, _, dev = spec.partition(":")
-    return get_backend(name, device=dev or None)
-
-
-def _available_cycle() -> list[Any]:
-    """Every backend (and array-api-strict's second device) that can be created here."""
-    global _cycle_cache
-    if _cycle_cache is None:
-        found = []
-        for spec in _BACKEND_CYCLE:
-            try:
-                found.append(_spec_backend(spec))
-            except Exception:  # noqa: BLE001, S112 - missing library, unsupported CPU, no GPU
-                continue
-        _cycle_cache = found
-    return _cycle_cache
-
-
-def _partner(b: Any) -> Any:
-    """The backend that reads what ``b`` wrote: the next one in the cycle of available backends."""
-    cycle = _available_cycle()
-    for i, other in enumerate(cycle):
-        if other is b:
-            return cycle[(i + 1) % len(cycle)]
-    return cycle[0] if cycle else b
-
-
-def _spec_name(b: Any) -> str:
-    """``b`` as a backend spec: ``numpy``, ``array_api_strict:device1``, ``torch:cuda:0``."""
-    dev = str(b.device)
-    if b.name == "array_api_strict":  # Device('CPU_DEVICE') / Device('device1')
-        dev = dev.split("(", 1)[-1].rstrip(")").strip("'\"")
-    return b.name if dev in ("cpu", "None", "CPU_DEVICE") else f"{b.name}:{dev}"
 
 
 # ---------------------------------------------------------------------------
@@ -948,40 +852,8 @@ def _checkpoint_cases() -> list[Case]:
 
 
 # ---------------------------------------------------------------------------
-# backend op overrides and seeded init
+# seeded init
 # ---------------------------------------------------------------------------
-
-
-def _op_cases() -> list[Case]:
-    n_in, n_out, r, scaling = 24, 10, 5, 8.0
-    scale = scaling / (r + R.RANKNUM_EPS)
-
-    def inputs(dtype, batch):
-        d = _Draw(801 + len(batch), dtype)
-        return (d.normal((*batch, n_in)), d.normal((r, n_in), 0.5), d.normal((r, 1)), d.normal((n_out, r), 0.5),
-                d.normal((*batch, n_out)))
-
-    def run(b, dtype):
-        if "triplet_forward_add" not in b.ops:
-            raise Skip(f"backend {b.name!r} has no 'triplet_forward_add' override")
-        if dtype != "float32":
-            raise Skip("the 'triplet_forward_add' kernel is float32-only")
-        fn = b.ops["triplet_forward_add"]
-        out = {}
-        for tag, batch in (("vector", ()), ("batch", (7,))):
-            x, A, E, B, o = (_dev(b, a, dtype) for a in inputs(dtype, batch))
-            fn(x, A, E, B, scale, o)
-            out[tag] = _host(b, o, dtype, f"triplet_forward_add out ({tag})")
-        return out
-
-    def ref(dtype):
-        out = {}
-        for tag, batch in (("vector", ()), ("batch", (7,))):
-            x, A, E, B, o = inputs(dtype, batch)
-            out[tag] = o + R.triplet_forward(x, A, E, B, scaling, float(r))
-        return out
-
-    return [Case("op.triplet_forward_add", run, ref, TOL)]
 
 
 def _random_cases() -> list[Case]:
@@ -1016,7 +888,7 @@ def _random_cases() -> list[Case]:
 def adalora_cases() -> list[Case]:
     """The AdaLoRA core cases defined in this module."""
     return [*_triplet_cases(), *_orth_cases(), *_schedule_cases(), *_ema_cases(), *_score_cases(),
-            *_allocator_cases(), *_optim_cases(), *_checkpoint_cases(), *_op_cases(), *_random_cases()]
+            *_allocator_cases(), *_optim_cases(), *_checkpoint_cases(), *_random_cases()]
 
 
 def as_case(obj: Any, origin: str = "cases") -> Case:

@@ -18,11 +18,13 @@ import numpy as np
 
 from . import reference as R
 from .cases import Case
+from .common import TOL
+from .common import Draw as _Draw
+from .common import dev as _dev
+from .common import host as _host
+from .common import partner as _partner
 
 __all__ = ["microlora_cases"]
-
-TOL = {"float32": 1e-5, "float64": 1e-10}
-EXACT = {"float32": 0.0, "float64": 0.0}
 
 IN, OUT, RANK, ALPHA = 24, 16, 2, 4.0
 S = ALPHA / RANK
@@ -31,64 +33,6 @@ S = ALPHA / RANK
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-class _Draw:
-    """Seeded draws rounded to ``dtype`` and held in float64 (what both sides start from)."""
-
-    def __init__(self, seed: int, dtype: str) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.dtype = dtype
-
-    def normal(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
-        return np.asarray(self.rng.normal(0.0, scale, size=shape), dtype=self.dtype).astype(np.float64)
-
-    def uniform(self, low: float, high: float, shape: tuple[int, ...] = ()) -> np.ndarray:
-        return np.asarray(self.rng.uniform(low, high, size=shape), dtype=self.dtype).astype(np.float64)
-
-    def scalar(self, low: float, high: float) -> float:
-        """A Python float exactly representable in ``dtype``."""
-        return float(np.asarray(self.rng.uniform(low, high), dtype=self.dtype))
-
-
-def _dev(b: Any, a: np.ndarray, dtype: str) -> Any:
-    return b.asarray(np.ascontiguousarray(np.asarray(a, dtype=np.float64)), dtype=dtype)
-
-
-def _host(b: Any, x: Any, dtype: str, what: str) -> np.ndarray:
-    """A host copy of ``x`` after checking it is ``b``'s kind of array, on ``b``'s device, of ``dtype``."""
-    from adalora_core._xp import device, library_name, namespace
-
-    from .runner import same_device
-
-    lib, want = library_name(namespace(x)), library_name(b.xp)
-    if lib != want:
-        raise AssertionError(f"{what} is a {lib} array ({type(x).__name__}), expected {want}")
-    if not same_device(device(x), b.device):
-        raise AssertionError(f"{what} lives on device {device(x)!r}, expected {b.device!r}")
-    if x.dtype != b.dtype(dtype):
-        raise AssertionError(f"{what} has dtype {x.dtype}, expected {dtype}")
-    return np.array(b.to_numpy(x), dtype=np.float64, copy=True)
-
-
-_CYCLE = ("numpy", "native", "array_api_strict", "array_api_strict:device1", "torch", "cupy")
-
-
-def _partner(b: Any) -> Any:
-    """Another available backend (the next in a fixed cycle) to read what ``b`` wrote."""
-    from adalora_core.backends import get_backend
-
-    found = []
-    for spec in _CYCLE:
-        name, _, dev = spec.partition(":")
-        try:
-            found.append(get_backend(name, device=dev or None))
-        except Exception:  # noqa: BLE001, S112 - library missing, CPU unsupported, no GPU
-            continue
-    for i, other in enumerate(found):
-        if other is b:
-            return found[(i + 1) % len(found)]
-    return found[0] if found else b
 
 
 def _adapter(b: Any, dtype: str, A: np.ndarray, Bm: np.ndarray, rank: int = RANK, bias: np.ndarray | None = None):
@@ -275,7 +219,7 @@ def _ewc_inputs(dtype: str, seed: int):
     A, Bm = _weights(d)
     return {
         "A": A, "B": Bm,
-        "FA": d.uniform(0.0, 2.0, (IN, RANK)), "FB": d.uniform(0.0, 2.0, (RANK, OUT)),
+        "FA": d.uniform((IN, RANK), 0.0, 2.0), "FB": d.uniform((RANK, OUT), 0.0, 2.0),
         "OA": A + d.normal((IN, RANK), 0.2), "OB": Bm + d.normal((RANK, OUT), 0.2),
         "xs": [d.normal((IN,)) for _ in range(3)], "gs": [d.normal((OUT,)) for _ in range(3)],
     }

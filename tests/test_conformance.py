@@ -254,9 +254,10 @@ def test_cli_fails_on_an_unavailable_backend(capsys: pytest.CaptureFixture[str])
 
 def test_cli_json_report(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = _case("broken.case", lambda b, d: {k: v + 1 for k, v in _ref(d).items()})
-    monkeypatch.setattr(runner, "all_cases", lambda: [*C.adalora_cases(), broken])
+    torch_only = _case("torch.only", lambda b, d: _ref(d), backends=frozenset({"torch"}))
+    monkeypatch.setattr(runner, "all_cases", lambda: [*C.adalora_cases(), broken, torch_only])
     path = tmp_path / "out.json"
-    rc = runner.main(["--backends", "numpy", "--cases", "schedule.spec,op.triplet,broken", "--json", str(path)])
+    rc = runner.main(["--backends", "numpy", "--cases", "schedule.spec,torch.only,broken", "--json", str(path)])
     assert rc == 1
     data = json.loads(path.read_text())
     assert data["version"] == 1
@@ -272,7 +273,7 @@ def test_cli_json_report(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     by = {(r["case"], r["dtype"]): r for r in data["results"]}
     assert by[("schedule.spec_example", "float64")]["error"] == 0.0
     assert by[("broken.case", "float64")]["verdict"] == "FAIL"
-    assert by[("op.triplet_forward_add", "float32")]["verdict"] == "SKIP"
+    assert by[("torch.only", "float32")]["verdict"] == "SKIP"
 
 
 def test_python_dash_m_entry_point() -> None:
