@@ -142,15 +142,17 @@ def test_orth_counts_once_per_optimizer_step_under_accumulation():
     assert torch.equal(add_orth_loss(unscaled, om, loss), loss + orth)  # Trainer divides the sum by 4
 
 
-def test_trainer_checkpoint_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("extras", [{}, {"bias": "lora_only", "modules_to_save": ["ln_f"]}])
+def test_trainer_checkpoint_resume_is_exact(tmp_path, extras):
     kw = {"save_strategy": "steps", "save_steps": 4, "gradient_accumulation_steps": 1}
-    full = model()
+    full = model(**extras)
     AdaLoraTrainer(model=full, args=args(tmp_path / "a", **kw), train_dataset=Ids()).train()
-    first = model()
+    first = model(**extras)
     AdaLoraTrainer(model=first, args=args(tmp_path / "b", **kw), train_dataset=Ids()).train()
     ckpt = tmp_path / "b" / "checkpoint-4"
     assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / AdaLoraTrainer.TRAINING_STATE_NAME).exists()
-    resumed = model()
+    resumed = model(**extras)
+    assert len(resumed.trainable_parameters()) == len(full.trainable_parameters())
     AdaLoraTrainer(model=resumed, args=args(tmp_path / "c", **kw), train_dataset=Ids()).train(
         resume_from_checkpoint=str(ckpt))
     for a, b in zip(full.trainable_parameters(), resumed.trainable_parameters()):

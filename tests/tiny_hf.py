@@ -64,7 +64,8 @@ def build(name: str, seed: int = 0) -> Any:
 
 
 def inputs(name: str, seed: int = 0, labels: bool = True) -> dict[str, torch.Tensor]:
-    """A batch of 2 sequences of 7 tokens (no padding), with the task's labels unless ``labels=False``."""
+    """A batch of 2 sequences of 7 tokens (no padding), with the task's labels unless ``labels=False``
+    (a seq2seq model then gets ``decoder_input_ids``, as PEFT's tests give it)."""
     g = torch.Generator().manual_seed(1000 + seed)
     ids = torch.randint(3, VOCAB, (2, 7), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -73,8 +74,9 @@ def inputs(name: str, seed: int = 0, labels: bool = True) -> dict[str, torch.Ten
         batch["labels"] = ids.clone()
     elif labels and task == "SEQ_CLS":
         batch["labels"] = torch.randint(0, 3, (2,), generator=g)
-    elif labels and task == "SEQ_2_SEQ_LM":
-        batch["labels"] = torch.randint(3, VOCAB, (2, 5), generator=g)
+    elif task == "SEQ_2_SEQ_LM":
+        target = torch.randint(3, VOCAB, (2, 5), generator=g)
+        batch["labels" if labels else "decoder_input_ids"] = target
     return batch
 
 

@@ -107,9 +107,11 @@ class AdaLoraTrainerMixin:
 
     ``class MyTrainer(AdaLoraTrainerMixin, Trainer): ...``, or use
     :class:`AdaLoraTrainer`. It adds an :class:`AdaLoraCallback` if none was
-    given, reads the accepted input columns and label names from the wrapped
-    model's ``forward`` (the wrapper's is ``*args, **kwargs``), and saves
-    checkpoints as the adapter directory plus the allocator's training state.
+    given, reads the label names from the wrapped model's class (``Trainer``
+    reads them from the model's class; the input columns it reads from the
+    instance, whose ``forward`` signature is the wrapped model's), and saves
+    checkpoints as the adapter directory plus the allocator's training state;
+    a resume restores both (``modules_to_save`` copies and trained biases too).
     """
 
     TRAINING_STATE_NAME = "adalora_training_state.safetensors"
@@ -126,14 +128,6 @@ class AdaLoraTrainerMixin:
         from transformers.utils import can_return_loss
 
         self.can_return_loss = can_return_loss(inner_cls)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:  # type: ignore[has-type]
-            import inspect
-
-            inner = find_adalora(self.model).get_base_model()  # type: ignore[attr-defined]
-            cols = list(inspect.signature(inner.forward).parameters)
-            self._signature_columns = cols + list({"label", "label_ids", *self.label_names})
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                      num_items_in_batch: Any = None, **kwargs: Any) -> Any:
@@ -163,6 +157,7 @@ class AdaLoraTrainerMixin:
                           "allocator start fresh", AdaLoraWarning, stacklevel=2)
             return
         ada.load_training_state(path)
+        ada.load_saved_extras(resume_from_checkpoint)
 
 
 class AdaLoraTrainer(AdaLoraTrainerMixin, Trainer):

@@ -298,6 +298,8 @@ class PeftCompatMixin:
         def unmerge(self) -> None: ...
         def parameters(self) -> Iterable[nn.Parameter]: ...
         def get_base_model(self) -> nn.Module: ...
+        def _require(self, name: str | None, what: str = "adapter") -> str: ...
+        def _adapter_layers(self, name: str) -> dict[str, SVDLayer]: ...
 
     @property
     def base_model(self) -> Any:
@@ -357,6 +359,11 @@ class PeftCompatMixin:
         for m in self._adapter_modules():
             m.disable_adapters = True
 
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: forwarded to the wrapped model it would upload the whole base model, not the adapter."""
+        raise NotImplementedError("push_to_hub is not implemented here (nothing in this library talks to the Hub): "
+                                  "save_pretrained(directory) and upload that directory with huggingface_hub")
+
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Refused, as PEFT refuses it for AdaLoRA (rank patterns do not combine)."""
         raise TypeError(f"{type(self).__name__} does not support add_weighted_adapter method.")
@@ -404,6 +411,29 @@ class PeftCompatMixin:
                            for a, v in grads.items()},
             available_adapters=sorted({a for s in layers for a in s.available_adapters}),
             devices={a: sorted(d) for a, d in devices.items()})
+
+    def load_saved_extras(self, path: Any, adapter_name: str | None = None) -> None:
+        """Copy the ``modules_to_save`` copies and trained biases an adapter directory holds into this model.
+
+        The triplets are left alone: a resumed run takes them (and the
+        allocator) from its training state, and the rest from here. Checked
+        before anything is copied.
+        """
+        from adalora_core.checkpoint import read_adapter
+
+        name = self._require(adapter_name or self.trainable_adapter_name or self._first_active())
+        layers = self._adapter_layers(name)
+        held = [k for k, w in self.modules_to_save_wrappers().items() if name in w.modules_to_save]
+        dest = extra_tensors(self.model, name, self.peft_config[name], layers, held)
+        if not dest:
+            return
+        shapes = {k: (layer.in_features, layer.out_features) for k, layer in layers.items()}
+        loaded = read_adapter(path, shapes=shapes, extra={k: tuple(t.shape) for k, t in dest.items()},
+                              skip=[f"{w}.{part}." for w in held for part in ("original_module", "modules_to_save")]
+                              ).extra
+        with torch.no_grad():
+            for key, value in loaded.items():
+                dest[key].copy_(torch.as_tensor(value))
 
     # -- gradient checkpointing, as PEFT prepares a model for it
 
