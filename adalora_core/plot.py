@@ -144,24 +144,40 @@ def _marks(ax: Any, marks: Marks, text: bool = True) -> None:
 
 
 def lines(ax: Any, series: Sequence[Series], *, xlabel: str, ylabel: str, title: str = "",
-          logx: bool = False, logy: bool = False, marks: Marks = ()) -> None:
-    """Draw ``series`` (bands as shaded areas) on ``ax``."""
+          logx: bool = False, logy: bool = False, marks: Marks = (), below: bool = False) -> None:
+    """Draw ``series`` (bands as shaded areas) on ``ax``; ``below`` puts the legend under the axes
+    (for busy plots where no corner is free)."""
     for k, s in enumerate(series):
         color = s.color or f"C{k}"
         ax.plot(s.x, s.y, s.style, color=color, label=s.label, lw=1.6)
         if s.low is not None and s.high is not None:
             ax.fill_between(s.x, s.low, s.high, color=color, alpha=0.18, lw=0)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
+    for on, axis, scale in ((logx, ax.xaxis, ax.set_xscale), (logy, ax.yaxis, ax.set_yscale)):
+        if on:
+            scale("log")
+            _plain_log_labels(axis)
     _marks(ax, marks)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, pad=14 if marks else 6)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if below:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    else:
+        ax.legend(fontsize=8)
+
+
+def _plain_log_labels(axis: Any) -> None:
+    """Log-axis labels as plain numbers (0.3, 10, not 3x10^-1); minor ticks labelled on short spans only."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(v: float, minor: bool) -> str:
+        lo, hi = axis.get_view_interval()
+        return "" if minor and hi > 30 * lo else f"{v:g}"
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: label(v, False)))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: label(v, True)))
 
 
 def _rank_mesh(ax: Any, history: History, total_steps: int, init_r: int) -> Any:

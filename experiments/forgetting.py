@@ -214,7 +214,7 @@ def figures(result: dict[str, Any], outdir: str, tag: str = "") -> list[str]:
     """Loss on both tasks over the updates (mean, min..max over seeds), and the penalty sweep."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.3), layout="constrained")
+    fig = Figure(figsize=(12, 5.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     names = {"none": "no EWC", "proximal": "EWC++ proximal", "explicit": "EWC++ explicit"}
     series = []
@@ -226,7 +226,7 @@ def figures(result: dict[str, Any], outdir: str, tag: str = "") -> list[str]:
                                                                                for r in runs], style, f"C{k}"))
     updates = result["setting"]["updates"]
     plot.lines(left, series, xlabel=f"update ({result['per_update']} requests each)",
-               ylabel="held-out loss", marks=[(updates, "task B starts")],
+               ylabel="held-out loss", marks=[(updates, "task B starts")], below=True,
                title=f"Loss on tasks A and B, lam {result['lam']:g}, {len(result['seeds'])} seeds{tag}")
     sweep = []
     for k, v in enumerate(VARIANTS[1:], start=1):
@@ -237,12 +237,12 @@ def figures(result: dict[str, Any], outdir: str, tag: str = "") -> list[str]:
                                      [ok[x][key]["min"] for x in lams], [ok[x][key]["max"] for x in lams],
                                      style + "o", f"C{k}"))
     plot.lines(right, sweep, xlabel="penalty strength lam", ylabel="held-out loss after task B", logx=True,
-               title="Penalty sweep (a missing point: the run diverged)")
+               below=True, title="Penalty sweep (a missing point: the run diverged)")
     none = result["summary"]["none"]
     right.axhline(none["end_a"]["mean"], color="C0", lw=1, label="task A, no EWC")
     right.axhline(none["end_b"]["mean"], color="C0", lw=1, ls="--", label="task B, no EWC")
     right.axhline(none["after_a"]["mean"], color="0.4", lw=1, ls=":", label="task A before task B")
-    right.legend(fontsize=7)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     path = f"{outdir}/forgetting.png"
     plot.save(fig, path)
     return [path]
