@@ -327,3 +327,47 @@ def test_fisher_overflow_is_skipped_and_counted(backend):
     assert m.skipped_updates == 1
     np.testing.assert_array_equal(host(backend, m.ewc_state("q_proj").fisher_b), 0)
     np.testing.assert_array_equal(host(backend, m.adapter("q_proj").B), 1.0)
+
+
+def test_step_is_the_ewc_op_on_the_adapter_arrays(backend):
+    """EwcState.step: the Fisher EMA fed first, then the proximal step; gradients cleared; the
+    state's Fisher is what the op returned (in place on mutable libraries)."""
+    ad, A, B = make(backend)
+    st = EwcState.from_adapter(ad, EwcConfig(decay=0.9))
+    rng = np.random.default_rng(3)
+    gA, gB = f32(rng.normal(size=(D_IN, RANK))), f32(rng.normal(size=(RANK, D_OUT)))
+    A_arrays = [dev(backend, a.T).T for a in (A, gA)]  # A's side rank-major, as the adapter stores it
+    got = st.step(*A_arrays, dev(backend, B), dev(backend, gB), 0.5, 0.1, 2.0, update_fisher=True, proximal=True)
+    for theta, g, new, newg, F in ((A, gA, got[0], got[1], st.fisher_a), (B, gB, got[2], got[3], st.fisher_b)):
+        Fw = R.ewc_fisher_ema(np.zeros_like(theta), g * 0.5, 0.9)
+        np.testing.assert_allclose(host(backend, F), Fw, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(host(backend, new), R.ewc_apply_proximal(theta, g * 0.5, 0.1, 2.0, Fw, theta),
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(host(backend, newg), 0)
+
+
+def test_snapshot_restore(backend):
+    ad, _, _ = make(backend)
+    st = EwcState.from_adapter(ad, EwcConfig(mode="window", window=3))
+    st.observe(dev(backend, np.ones((D_IN, RANK))), dev(backend, np.ones((RANK, D_OUT))))
+    snap = st.snapshot()
+    before = {k: host(backend, a).copy() for k, a in st.state_arrays().items()}
+    st.observe(dev(backend, np.ones((D_IN, RANK))), dev(backend, np.ones((RANK, D_OUT))))
+    st.observe(dev(backend, np.ones((D_IN, RANK))), dev(backend, np.ones((RANK, D_OUT))))  # folds
+    assert st.window_steps == 0 and host(backend, st.fisher_a).any()
+    st.restore(snap)
+    assert st.window_steps == 1
+    for k, a in st.state_arrays().items():
+        np.testing.assert_array_equal(host(backend, a), before[k], err_msg=k)
+
+
+def test_ewc_and_lora_do_not_import_each_other():
+    """lora.py uses ewc.py (the EWC op and step); ewc.py needs nothing of lora.py."""
+    import ast
+    import inspect
+
+    import adalora_core.ewc as ewc_module
+
+    tree = ast.parse(inspect.getsource(ewc_module))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "lora" not in imported and "adalora_core.lora" not in imported, imported

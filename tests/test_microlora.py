@@ -4,6 +4,7 @@ bad input (clear errors, no state change), counters, merge, reset, checkpoints."
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -176,6 +177,43 @@ def test_native_hot_path_uses_the_c_kernels():
     assert not ad.A.flags.c_contiguous and ad.A.T.flags.c_contiguous  # rank-major storage
     m64 = MicroLoRA(small(), backend="native", dtype="float64")  # C kernels are float32: defaults
     assert not any(m64.adapter("q_proj").uses_override.values())
+
+
+def test_native_forward_add_is_the_adapters_and_then_c():
+    """MicroLoRA.forward_add is a lookup and the adapter's forward_add, which calls the C op:
+    no other Python runs (it used to reach into the adapter's private members instead)."""
+    native = pytest.importorskip("adalora_core.backends.native")
+    if not native.is_available():
+        pytest.skip("native backend not built")
+    m = MicroLoRA(small(), backend="native")
+    x, out = np.ones(D_IN, np.float32), np.zeros(D_OUT, np.float32)
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        m.forward_add(x, "q_proj", out)
+    finally:
+        sys.setprofile(None)
+    assert seen == ["microlora.py:forward_add", "lora.py:forward_add"]
+
+
+def test_delta_weight_and_merge_default_to_out_in(backend):
+    """One default layout across the library: (out, in), like triplet.delta_weight and nn.Linear."""
+    m = MicroLoRA(small(), backend=backend)
+    A, B = weights(5)
+    ad = m.adapter("q_proj")
+    ad.set_weights(dev(backend, A), dev(backend, B))
+    want = 2.0 * (A @ B).T
+    np.testing.assert_allclose(host(backend, ad.delta_weight()), want, rtol=1e-5, atol=1e-6)
+    W = np.random.default_rng(6).normal(size=(D_OUT, D_IN))
+    np.testing.assert_allclose(host(backend, m.merge_into_base("q_proj", dev(backend, W))), W + want, rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=rf"expected \({D_OUT}, {D_IN}\)"):
+        ad.merge_into(dev(backend, W.T))
 
 
 def test_float64_adapters(backend):

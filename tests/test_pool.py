@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 import traceback
@@ -96,6 +97,71 @@ def test_native_batched_forward_is_one_c_call():
     assert len(calls) == 1
     A_view = pool._stacks()[0]  # (m, in, r) view of rank-major (m, r, in) memory
     assert A_view.transpose(0, 2, 1).flags.c_contiguous
+
+
+def _python_calls(fn):
+    """(name, file) of every Python function that runs during ``fn()``."""
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen.append((frame.f_code.co_name, frame.f_code.co_filename))
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_native_batched_forward_hands_the_stacks_to_c_as_stored(rank):
+    """At every rank the C op takes the pool's rank-major stacks as they are: no Python checks,
+    no conversions, nothing of the native backend's module runs (rank 2 used to fall back to it)."""
+    native = pytest.importorskip("adalora_core.backends.native")
+    if not native.is_available():
+        pytest.skip("native backend not built")
+    pool, W = filled("native", n=4, rank=rank)
+    x = np.random.default_rng(2).normal(size=(5, IN)).astype(np.float32)
+    ids = ["user-3", "user-0", "user-1", "user-3", "user-2"]
+    idx, out = pool.indices(ids), np.zeros((5, OUT), np.float32)
+    pool.forward_add_batched(x, idx, out)  # the first call after a change makes the (m, in, r) view
+    out[...] = 0
+    calls = _python_calls(lambda: pool.forward_add_batched(x, idx, out))
+    assert [name for name, _ in calls] == ["<lambda>", "forward_add_batched", "_index", "_stacks", "A", "B"], calls
+    want = R.batched_forward(x, np.stack([W[i][0] for i in ids]), np.stack([W[i][1] for i in ids]), 4.0 / rank,
+                             np.arange(5))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_stacks_are_the_adapters_storage(backend):
+    """One storage: what a handle writes is what the batched forward reads, and the other way round."""
+    pool, W = filled(backend, n=3, capacity=2)  # grown once
+    A_stack, B_stack = (host(backend, a) for a in pool._stacks())
+    for k in range(3):
+        np.testing.assert_array_equal(A_stack[pool.slot(f"user-{k}")], W[f"user-{k}"][0])
+        np.testing.assert_array_equal(B_stack[pool.slot(f"user-{k}")], W[f"user-{k}"][1])
+    ad = pool.get("user-1")
+    ad.accumulate_gradient(dev(backend, np.ones(IN)), dev(backend, np.ones(OUT)))
+    ad.apply_gradients(0.5)
+    np.testing.assert_array_equal(host(backend, pool._stacks()[1])[pool.slot("user-1")], host(backend, ad.B))
+    assert not np.array_equal(host(backend, ad.B), W["user-1"][1])
+
+
+def test_adapter_storage_must_fit():
+    from adalora_core.lora import LoraAdapter, LoraStack
+
+    stack = LoraStack(get_backend("numpy"), IN, OUT, 2, "float32", capacity=2)
+    with pytest.raises(ValueError, match="another shape"):
+        LoraAdapter(IN, OUT + 1, 2, backend="numpy", storage=(stack, 0))
+    with pytest.raises(ValueError, match="another shape, dtype or bias"):
+        LoraAdapter(IN, OUT, 2, backend="numpy", use_bias=True, storage=(stack, 1))
+    a = LoraAdapter(IN, OUT, 2, backend="numpy", storage=(stack, 1))
+    np.testing.assert_array_equal(stack.A[1], a.A)
+    a.detach()  # its own copy from now on; the slot is the stack owner's
+    a.set_weights(np.ones((IN, 2), np.float32), np.ones((2, OUT), np.float32))
+    np.testing.assert_array_equal(stack.B[1], 0)
 
 
 def test_batched_forward_bad_input(backend):
