@@ -368,3 +368,18 @@ def test_two_active_adapters_with_one_head_copy_each_are_refused():
     with pytest.raises(ValueError, match="only one of them can be active"):
         om.set_adapter(["default", "b"])
     assert om.active_adapters == ["default"] and om.model.classifier.active_adapter == "default"
+
+
+def test_an_inference_only_model_takes_labels(tmp_path):
+    """PEFT defect: a task model loaded for inference (no trainable adapter) fails on a batch with labels,
+    looking up the trainable adapter's regulariser weight. Here the loss is the wrapped model's."""
+    pm, om = pair("roberta", total_step=5)
+    om.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(T.build("roberta"), str(tmp_path))
+    batch = T.inputs("roberta")
+    with pytest.raises(AttributeError, match="trainable_adapter_name"):
+        theirs(**batch)
+    ours = AdaLoraModel.from_pretrained(T.build("roberta"), tmp_path, add_orth_to_loss=True)
+    theirs.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).loss, theirs.base_model.model(**batch).loss)

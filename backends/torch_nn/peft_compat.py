@@ -25,7 +25,7 @@ import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -291,12 +291,12 @@ class PeftCompatMixin:
         model: nn.Module
         peft_config: dict[str, AdaLoraConfig]
         trainable_adapter_name: str | None
-        active_adapters: list[str]
 
+        @property
+        def active_adapters(self) -> list[str]: ...
         def svd_layers(self) -> dict[str, SVDLayer]: ...
         def merge(self, adapter_names: Sequence[str] | None = None) -> None: ...
         def unmerge(self) -> None: ...
-        def parameters(self) -> Iterable[nn.Parameter]: ...
         def get_base_model(self) -> nn.Module: ...
         def _require(self, name: str | None, what: str = "adapter") -> str: ...
         def _adapter_layers(self, name: str) -> dict[str, SVDLayer]: ...
@@ -372,7 +372,7 @@ class PeftCompatMixin:
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts, as PEFT's."""
-        params = list(self.parameters())
+        params = list(cast(nn.Module, self).parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def get_layer_status(self) -> list[TunerLayerStatus]:
@@ -439,10 +439,11 @@ class PeftCompatMixin:
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
         """Make the input embeddings' output require grad, so reentrant checkpointing reaches the adapters."""
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        module: Any = model  # a transformers model: its methods, not nn.Module's attribute types
+        if hasattr(module, "enable_input_require_grads"):
+            module.enable_input_require_grads()
+        elif hasattr(module, "get_input_embeddings"):
+            module.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
         return model
 
     # -- the regulariser check
