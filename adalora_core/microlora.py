@@ -34,10 +34,10 @@ from .checkpoint import (
     PREFIX,
     Header,
     load_arrays,
+    read_header,
     read_peft_dir,
     save_arrays,
     save_peft_dir,
-    validate,
 )
 from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
@@ -460,7 +460,7 @@ class MicroLoRA:
         finite values, counters) before the object is built: a bad file
         raises :class:`~adalora_core.errors.CheckpointError` and nothing is created.
         """
-        host, meta = load_arrays(path)
+        meta = read_header(path).meta  # the arrays are read once the shapes it implies are checked
         where = str(path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"{where}: not a MicroLoRA checkpoint (format {meta.get('format')!r}, "
@@ -501,7 +501,7 @@ class MicroLoRA:
                              "ewc.optimal_b": (r, o), "ewc.window_a": (i, r), "ewc.window_b": (r, o)})
             for k, shape in spec.items():
                 expect[f"{m}.{k}"] = (shape, saved_dtype)
-        validate(host, expect, where)
+        host, _ = load_arrays(path, expect, meta=meta)
         for m in config.target_modules:
             for k in ("ewc.fisher_a", "ewc.fisher_b", "ewc.window_a", "ewc.window_b"):
                 key = f"{m}.{k}"

@@ -33,7 +33,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 from ._xp import Array, host_np
-from .checkpoint import load_arrays, save_arrays, validate
+from .checkpoint import load_arrays, read_header, save_arrays
 from .config import check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .lora import (
@@ -335,7 +335,7 @@ class AdapterPool:
     @classmethod
     def load(cls, path: Any, backend: Any = None, *, dtype: Any = None) -> AdapterPool:
         """A pool from :meth:`save`'s file; everything is checked first (CheckpointError)."""
-        host, meta = load_arrays(path)
+        meta = read_header(path).meta  # the arrays are read once the shapes it implies are checked
         where = str(path)
         if not isinstance(meta, dict) or meta.get("format") != POOL_FORMAT:
             raise CheckpointError(f"{where}: not an adapter-pool checkpoint")
@@ -365,8 +365,8 @@ class AdapterPool:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
         dt = meta["dtype"]
-        validate(host, {"lora_A": ((n, i, r), dt), "lora_B": ((n, r, o), dt),
-                        "grad_A": ((n, i, r), dt), "grad_B": ((n, r, o), dt)}, where)
+        host, _ = load_arrays(path, {"lora_A": ((n, i, r), dt), "lora_B": ((n, r, o), dt),
+                                     "grad_A": ((n, i, r), dt), "grad_B": ((n, r, o), dt)}, meta=meta)
         pool = cls(i, o, r, meta["alpha"], backend=backend, dtype=dt if dtype is None else dtype,
                    seed=meta["seed"] if isinstance(meta.get("seed"), int) else 0, init=meta["init"],
                    capacity=max(n, 1))
