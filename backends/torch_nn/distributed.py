@@ -36,6 +36,11 @@ def local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local()  # type: ignore[attr-defined, no-any-return]
 
 
+def full(t: Any) -> Any:
+    """The whole of ``t``, gathered differentiably from every process if it is a DTensor."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def _rows(t: Any) -> tuple[int, int, int]:
     """``(start, stop, total)`` of the rows of dimension 0 that this process holds."""
     if not is_dtensor(t):

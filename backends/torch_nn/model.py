@@ -46,7 +46,7 @@ from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
 from . import allocator_state
-from .distributed import check_agreement, local, mesh_group, parts_of, score_reduce
+from .distributed import check_agreement, full, local, mesh_group, parts_of, score_reduce
 from .layer import SVDLayer, check_supported, layer_kind, wrap
 from .modules_to_save import wrapper_prefixes
 from .peft_compat import (
@@ -431,12 +431,13 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         With ``orth_reg_weight == 0`` it is a zero tensor and costs nothing.
         The matrices are grouped by shape (one batched product per group);
         with ``exact_peft`` they are summed module by module, PEFT's order.
+        Under FSDP2 the sharded matrices are gathered (differentiably) first.
         """
         self._check_loaded()
         self._orth_called = True
         name = self._require_trainable()
         weight = self.peft_config[name].orth_reg_weight
-        pairs = [(t.A, t.B) for t in self._triplets(name, detach=False).values()]
+        pairs = [(full(t.A), full(t.B)) for t in self._triplets(name, detach=False).values()]
         if weight == 0:
             ref = pairs[0][0]
             return torch.zeros((), dtype=ref.dtype, device=ref.device)
@@ -535,7 +536,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike[str], adapter_name: str | None = None, *,
                         selected_adapters: Sequence[str] | None = None, safe_serialization: bool = True,
-                        is_main_process: bool = True) -> None:
+                        is_main_process: bool | None = None) -> None:
         """Write adapters in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``).
 
         ``adapter_name``: that adapter alone, into ``path``. Otherwise PEFT's
@@ -547,6 +548,9 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         Only those two files are written (each atomically); everything else in
         ``path`` (a Trainer's ``checkpoint-*/``) is left as it is. Only
         safetensors is written (``safe_serialization=False``, a pickle, is refused).
+        Under ``torch.distributed`` every process calls it: FSDP2 shards are
+        gathered, and only the main process (``is_main_process``; by default
+        rank 0) writes.
         """
         self._check_loaded()
         if safe_serialization is not True:
@@ -555,16 +559,20 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         names = [adapter_name] if adapter_name is not None else list(selected_adapters or self.peft_config)
         for name in names:
             self._require(name)
-        if not is_main_process:
-            return
-        for name in names:
+        if is_main_process is None:
+            import torch.distributed as dist
+
+            is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        for name in names:  # every process gathers (a collective under FSDP2); the main one writes
             out = path if adapter_name is not None or name == "default" else os.path.join(path, name)
             layers = self._adapter_layers(name)
             held = [k for k, w in self.modules_to_save_wrappers().items() if name in w.modules_to_save]
-            extra = {k: t.detach() for k, t in
+            extra = {k: full(t.detach()) for k, t in
                      extra_tensors(self.model, name, self.peft_config[name], layers, held).items()}
+            weights = {k: Triplet(*(full(t) for t in trip)) for k, trip in self._triplets(name).items()}
             pattern = self.get_rank_pattern(name)
-            save_adapter(out, self.peft_config[name], self._triplets(name), pattern or None, extra=extra)
+            if is_main_process:
+                save_adapter(out, self.peft_config[name], weights, pattern or None, extra=extra)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module | str | os.PathLike[str], path: str | os.PathLike[str] | None = None,
@@ -750,7 +758,8 @@ def _check_kept_index(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, 
 
 def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default", *,
                       autocast_adapter_dtype: bool = True, exact_peft: bool = False,
-                      add_orth_to_loss: bool = False) -> AdaLoraModel:
+                      add_orth_to_loss: bool = False, process_group: Any = None,
+                      verify_masks: bool = False) -> AdaLoraModel:
     """Inject AdaLoRA adapters into ``model`` (in place) and return the wrapper.
 
     By default the adapter forward costs what a LoRA forward costs (two
@@ -763,9 +772,13 @@ def get_adalora_model(model: nn.Module, config: AdaLoraConfig, adapter_name: str
     ``add_orth_to_loss=True`` is PEFT's behaviour: a ``loss`` the model
     returns includes :meth:`~AdaLoraModel.orth_loss` (in evaluation too, as
     PEFT's); by default the regulariser is returned, never added.
+    Under ``torch.distributed``, ``process_group`` (default: the world group)
+    is the set of processes that agree on every mask, and ``verify_masks=True``
+    checks after each mask step that they do (docs/distributed.md).
     """
     return AdaLoraModel(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                        exact_peft=exact_peft, add_orth_to_loss=add_orth_to_loss)
+                        exact_peft=exact_peft, add_orth_to_loss=add_orth_to_loss, process_group=process_group,
+                        verify_masks=verify_masks)
 
 
 def get_peft_model(model: nn.Module, peft_config: AdaLoraConfig, adapter_name: str = "default", *,
