@@ -18,9 +18,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
-import dist_worker  # noqa: E402
+import dist_worker
+import torch.multiprocessing as mp
 
 SCENARIOS = ["ddp", "ddp_nosync", "local", "fsdp", "fsdp_noreshard", "fsdp_bf16", "ddp_resume", "fsdp_resume"]
 
@@ -45,8 +44,8 @@ def _run(scenario: str, out) -> list[dict]:
 
 def _same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
 
 
 def _pruned(run: list[dict]) -> None:
