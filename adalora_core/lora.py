@@ -234,8 +234,8 @@ class LoraStack:
                  capacity: int = 1, use_bias: bool = False) -> None:
         self.backend, self.dtype_name = backend, dtype
         self.in_features, self.out_features, self.rank, self.use_bias = in_features, out_features, rank, use_bias
-        shapes = {"At": (rank, in_features), "B": (rank, out_features), "gAt": (rank, in_features),
-                  "gB": (rank, out_features)}
+        shapes: dict[str, tuple[int, ...]] = {"At": (rank, in_features), "B": (rank, out_features),
+                                              "gAt": (rank, in_features), "gB": (rank, out_features)}
         if use_bias:
             shapes.update(bias=(out_features,), gbias=(out_features,))
         self._shapes = shapes
@@ -374,11 +374,12 @@ class LoraAdapter:
     # -- plumbing ---------------------------------------------------------
 
     def _sync(self) -> None:
-        """Point the per-slot views at the stack's current arrays."""
-        arrays, s = self._stack.arrays, self._slot
-        for view, (field, transposed) in _VIEWS.items():
-            a = arrays[field][s, ...] if field in arrays else None
-            setattr(self, view, a.T if transposed and a is not None else a)
+        """Point the per-slot views (the attributes named in ``_VIEWS``) at the stack's current arrays."""
+        a, s = self._stack.arrays, self._slot
+        self._At, self._B, self._gAt, self._gB = a["At"][s, ...], a["B"][s, ...], a["gAt"][s, ...], a["gB"][s, ...]
+        self._A, self._gA = self._At.T, self._gAt.T
+        self._bias: Array | None = a["bias"][s, ...] if self.use_bias else None
+        self._gbias: Array | None = a["gbias"][s, ...] if self.use_bias else None
         self._ver = self._stack.version
 
     def _fresh(self) -> None:
@@ -396,19 +397,19 @@ class LoraAdapter:
 
     def _pick_ops(self, be: Any, dt: Any) -> None:
         fast = dt == be.dtype("float32")
-        defaults = {
+        defaults: dict[str, Callable[..., Any]] = {
             "lora_forward_add": lora_forward_add,
             "lora_accumulate": lora_accumulate,
             "lora_apply": lora_apply,
             "lora_apply_ewc": lora_apply_ewc,
         }
         ops = {name: be.op(name, fn) if fast else fn for name, fn in defaults.items()}
-        self._fwd_raw = ops["lora_forward_add"]
-        self._acc = ops["lora_accumulate"]
-        self._apply = ops["lora_apply"]
-        self._apply_ewc = ops["lora_apply_ewc"]
+        self._fwd_raw: Callable[..., Array] = ops["lora_forward_add"]
+        self._acc: Callable[..., tuple[Array, Array]] = ops["lora_accumulate"]
+        self._apply: Callable[..., tuple[Array, Array]] = ops["lora_apply"]
+        self._apply_ewc: Callable[..., tuple[Array, Array, Array]] = ops["lora_apply_ewc"]
         self.uses_override = {k: be.ops.get(k) is ops[k] for k in ops}
-        self._fwd = self._fwd_bias if self.use_bias else self._fwd_raw
+        self._fwd: Callable[..., Array] = self._fwd_bias if self.use_bias else self._fwd_raw
 
     def _fwd_bias(self, x: Array, A: Array, B: Array, scaling: float, out: Array) -> Array:
         return at(self._fwd_raw(x, A, B, scaling, out)).add(self._bias)
@@ -578,7 +579,7 @@ class LoraAdapter:
             self.pending_updates = 0
             return True
         self._put(saved)
-        if ewc is not None:
+        if ewc is not None and snapshot is not None:
             ewc.restore(snapshot)
         self._skip(f"the step over {n} examples is not finite (an overflow: lower lr, or lam with the "
                    "explicit EWC update)")
@@ -605,8 +606,7 @@ class LoraAdapter:
         with self._lock:
             if not self._ready():
                 return False
-            feed = ewc is not None and (ewc.config.update_fisher if update_fisher is None else update_fisher)
-            if feed:
+            if ewc is not None and (ewc.config.update_fisher if update_fisher is None else update_fisher):
                 return self._step(partial(self._step_ewc, lr, 0.0, ewc, True, True), ewc)
             return self._step(partial(self._step_sgd, lr), None)
 
@@ -721,7 +721,7 @@ class LoraAdapter:
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         i, r, o = self.in_features, self._rank, self.out_features
-        spec = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
+        spec: dict[str, tuple[int, ...]] = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
         if self.use_bias:
             spec["bias"] = (o,)
             spec["grad_bias"] = (o,)
