@@ -127,11 +127,19 @@ def orth_forward_backward(model: ac.AdaLoraModel) -> Callable[[], object]:
     return lambda: model.orth_loss().backward()
 
 
+def allocator_step(model: ac.AdaLoraModel) -> Callable[[], object]:
+    """A masking step (importance, both EMAs, scores, threshold, masks applied), after a first step."""
+    forward_backward(model)()
+    model.update_and_allocate(0)  # creates the EMAs
+    return lambda: model.update_and_allocate(1)
+
+
 # Parts whose op count must not depend on the number of modules: name -> (model builder, set-up
 # returning the call to count). The set-up runs outside the profiler (a part that needs gradients
 # or a step counter prepares them there).
 GROUPED: dict[str, tuple[Callable[[int], nn.Module], Callable]] = {
     "orth_loss forward+backward": (adalora, orth_forward_backward),
+    "update_and_allocate (a masking step)": (adalora, allocator_step),
 }
 
 
