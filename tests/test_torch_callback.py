@@ -42,9 +42,9 @@ def args(tmp_path, **kw):
     return transformers.TrainingArguments(**{**base, **kw})
 
 
-def model(**overrides):
+def model(adapter_name="default", **overrides):
     torch.manual_seed(1)
-    return ac.get_adalora_model(P.build("gpt2"), ac.AdaLoraConfig(**{**CFG, **overrides}))
+    return ac.get_adalora_model(P.build("gpt2"), ac.AdaLoraConfig(**{**CFG, **overrides}), adapter_name)
 
 
 class Spy(transformers.TrainerCallback):
@@ -142,7 +142,7 @@ def test_orth_counts_once_per_optimizer_step_under_accumulation():
     assert torch.equal(add_orth_loss(unscaled, om, loss), loss + orth)  # Trainer divides the sum by 4
 
 
-@pytest.mark.parametrize("extras", [{}, {"bias": "lora_only", "modules_to_save": ["ln_f"]}])
+@pytest.mark.parametrize("extras", [{}, {"bias": "lora_only", "modules_to_save": ["ln_f"], "adapter_name": "mine"}])
 def test_trainer_checkpoint_resume_is_exact(tmp_path, extras):
     kw = {"save_strategy": "steps", "save_steps": 4, "gradient_accumulation_steps": 1}
     full = model(**extras)
@@ -150,7 +150,8 @@ def test_trainer_checkpoint_resume_is_exact(tmp_path, extras):
     first = model(**extras)
     AdaLoraTrainer(model=first, args=args(tmp_path / "b", **kw), train_dataset=Ids()).train()
     ckpt = tmp_path / "b" / "checkpoint-4"
-    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / AdaLoraTrainer.TRAINING_STATE_NAME).exists()
+    saved = ckpt / extras.get("adapter_name", "")  # PEFT's layout: an adapter not named "default" in its subdirectory
+    assert (saved / "adapter_model.safetensors").exists() and (ckpt / AdaLoraTrainer.TRAINING_STATE_NAME).exists()
     resumed = model(**extras)
     assert len(resumed.trainable_parameters()) == len(full.trainable_parameters())
     AdaLoraTrainer(model=resumed, args=args(tmp_path / "c", **kw), train_dataset=Ids()).train(

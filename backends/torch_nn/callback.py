@@ -38,6 +38,7 @@ from transformers.utils import find_labels
 from adalora_core.errors import AdaLoraWarning
 
 from .model import AdaLoraModel
+from .peft_compat import adapter_dir
 
 
 def find_adalora(model: Any) -> AdaLoraModel:
@@ -157,7 +158,8 @@ class AdaLoraTrainerMixin:
                           "allocator start fresh", AdaLoraWarning, stacklevel=2)
             return
         ada.load_training_state(path)
-        ada.load_saved_extras(resume_from_checkpoint)
+        assert ada.trainable_adapter_name is not None  # load_training_state needs it
+        ada.load_saved_extras(adapter_dir(resume_from_checkpoint, ada.trainable_adapter_name))
 
 
 class AdaLoraTrainer(AdaLoraTrainerMixin, Trainer):

@@ -51,6 +51,7 @@ from .layer import SVDLayer, check_supported, layer_kind, wrap
 from .modules_to_save import wrapper_prefixes
 from .peft_compat import (
     PeftCompatMixin,
+    adapter_dir,
     apply_extras,
     effective_config,
     expose_signature,
@@ -564,7 +565,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
             is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         for name in names:  # every process gathers (a collective under FSDP2); the main one writes
-            out = path if adapter_name is not None or name == "default" else os.path.join(path, name)
+            out = path if adapter_name is not None else adapter_dir(path, name)
             layers = self._adapter_layers(name)
             held = [k for k, w in self.modules_to_save_wrappers().items() if name in w.modules_to_save]
             extra = {k: full(t.detach()) for k, t in

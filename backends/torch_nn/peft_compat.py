@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import os
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,6 +79,11 @@ def load_base_model(config: AdaLoraConfig) -> nn.Module:
     except OSError as exc:
         raise ValueError(f"cannot load the base model {name!r} from local files (this library never downloads): "
                          f"{exc}") from exc
+
+
+def adapter_dir(path: str | os.PathLike[str], adapter_name: str) -> str | os.PathLike[str]:
+    """Where PEFT's ``save_pretrained`` puts an adapter: ``"default"`` in ``path``, any other in ``path/<name>``."""
+    return path if adapter_name == "default" else os.path.join(path, adapter_name)
 
 
 # ------------------------------------------------------------------ extra tensors
