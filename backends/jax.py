@@ -100,6 +100,12 @@ class JaxBackend(Backend):
     def rng(self, seed=None):
         return JaxRng(seed, self)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        from . import get_backend
+
+        d = self.device  # JAX devices do not pickle: name it "platform:index"
+        return get_backend, (self.name, f"{d.platform}:{jax.devices(d.platform).index(d)}")
+
     def describe(self):
         x64 = "on" if x64_enabled() else "off (float32 only)"
         return f"jax {jax.__version__}, device {self.device}; devices: {jax.devices()}; x64 {x64}"

@@ -7,6 +7,8 @@ here; the whole conformance suite runs on jax in float32 and, with
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,7 @@ def test_devices_by_name_and_clear_errors() -> None:
     assert get_backend("jax", "cpu:0").device == cpu[0]
     assert get_backend("jax", cpu[0]).device == cpu[0]
     assert get_backend("jax", "cpu").zeros((2,)).device == cpu[0]
+    assert pickle.loads(pickle.dumps(get_backend("jax", cpu[0]))).device == cpu[0]
     with pytest.raises(ValueError, match=r"'cpu:99'.*index below"):
         get_backend("jax", "cpu:99")
     with pytest.raises(ValueError, match="no 'nosuch' platform"):
@@ -134,6 +137,12 @@ def _result(case: str, dtype: str) -> runner.Result:
         _results[dtype] = {r.case: r for r in runner.run(backends=["jax"], dtypes=[dtype])}
         assert not jax.config.jax_enable_x64  # the float64 run scoped x64 to itself
     return _results[dtype][case]
+
+
+def test_the_runner_turns_x64_on_for_float64_runs_only() -> None:
+    (r,) = runner.run(backends=["jax"], dtypes=["float64"], cases=["triplet.forward.n"])
+    assert r.verdict == runner.PASS and r.error is not None and r.error < 1e-12, r.message
+    assert not jax.config.jax_enable_x64
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
