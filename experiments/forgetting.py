@@ -12,7 +12,9 @@ gradient ``y - t`` of ``|y - t|^2 / 2`` at the layer's output, applied every
 ``PER_UPDATE`` requests: first on task A, then on task B. Scored: the loss on
 held-out task-A sentences before and after task B, without EWC, with EWC++ and
 the proximal step, and with the explicit step, over three seeds, and a sweep of
-the penalty strength. Everything below was fixed before any result was seen.
+the penalty strength. A run whose adapter refuses a step that overflowed (or
+serves a non-finite output) is counted as diverged. Everything below was fixed
+before any result was seen.
 
     python -m experiments.forgetting --quick
     python -m experiments.forgetting --json forgetting.json --figures docs/img
@@ -24,6 +26,7 @@ import argparse
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -32,6 +35,7 @@ import numpy as np
 
 from adalora_core import plot
 from adalora_core.config import EwcConfig, MicroLoraConfig
+from adalora_core.errors import AdaLoraWarning
 from adalora_core.microlora import AdaptFeedback, MicroLoRA
 
 from .common import encode, environment, load_model, sentences, stats, write_json
@@ -148,9 +152,11 @@ def run_one(domains: dict[str, np.ndarray], W0: np.ndarray, b0: np.ndarray, sett
         if name == "A":
             after_a = _loss(m, held["A"], tasks["A"])
             m.start_new_task()  # theta* = the weights after task A; Fisher min-max normalised
+    diverged = diverged or m.skipped_updates > 0  # the adapter refused a step that overflowed
     end_a, end_b = (math.inf, math.inf) if diverged else (curve[-1][1], curve[-1][2])
     return {"seed": seed, "variant": variant, "lam": lam, "lr": lr, "start_a": curve[0][1], "after_a": after_a,
             "end_a": end_a, "end_b": end_b, "increase": end_a - after_a, "diverged": diverged,
+            "skipped_updates": m.skipped_updates,
             "curve": [c for c in curve if all(map(math.isfinite, c))]}
 
 
@@ -169,7 +175,8 @@ def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = 
     domains, W0, b0 = embed(device, setting.max_sentences)
     log(f"{LAYER}: {W0.shape[0]} -> {W0.shape[1]}; task A {len(domains['A'])} sentences, task B "
         f"{len(domains['B'])}; {setting.updates} updates of {PER_UPDATE} requests per task; seeds {list(seeds)}")
-    with np.errstate(over="ignore", invalid="ignore"):  # a diverging explicit step is recorded, not warned
+    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdaLoraWarning)  # a diverging explicit step is recorded, not warned
         runs = {v: [run_one(domains, W0, b0, setting, s, v, LAM) for s in seeds] for v in VARIANTS}
         sweep = {v: {lam: [run_one(domains, W0, b0, setting, s, v, lam) for s in seeds] for lam in setting.lams}
                  for v in VARIANTS[1:]}
