@@ -378,13 +378,12 @@ class SVDLinear(SVDLayer):
 
     @property
     def in_features(self) -> int:
-        w = self.base_layer.weight
-        return int(w.shape[0] if self.fan_in_fan_out else w.shape[1])
+        # an nn.Linear's own sizes: a bitsandbytes 4-bit Linear's packed weight has another shape
+        return int(self.base_layer.weight.shape[0] if self.fan_in_fan_out else self.base_layer.in_features)
 
     @property
     def out_features(self) -> int:
-        w = self.base_layer.weight
-        return int(w.shape[1] if self.fan_in_fan_out else w.shape[0])
+        return int(self.base_layer.weight.shape[1] if self.fan_in_fan_out else self.base_layer.out_features)
 
     def _add_delta(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]

@@ -733,7 +733,7 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
         return int(w.shape[0]), int(w.shape[1])
     if probe == "conv2d":
         return int(module.in_channels * module.kernel_size[0] * module.kernel_size[1]), int(module.out_channels)
-    return int(w.shape[1]), int(w.shape[0])
+    return int(module.in_features), int(module.out_features)  # not the weight's: bitsandbytes packs 4-bit ones
 
 
 def _check_kept_index(p: Problems, meta: Mapping[str, Any], ranks: Mapping[str, tuple[int, int]]
