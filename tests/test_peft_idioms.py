@@ -373,7 +373,7 @@ def test_two_active_adapters_with_one_head_copy_each_are_refused():
 def test_an_inference_only_model_takes_labels(tmp_path):
     """PEFT defect: a task model loaded for inference (no trainable adapter) fails on a batch with labels,
     looking up the trainable adapter's regulariser weight. Here the loss is the wrapped model's."""
-    pm, om = pair("roberta", total_step=5)
+    _, om = pair("roberta", total_step=5)
     om.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(T.build("roberta"), str(tmp_path))
     batch = T.inputs("roberta")
