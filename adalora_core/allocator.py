@@ -23,7 +23,7 @@ from typing import Any
 from ._xp import Array, device, namespace, on_host
 from .config import AdaLoraConfig
 from .errors import AdaLoraWarning
-from .layout import Layout, Part
+from .layout import Layout, Part, flat_concat
 from .schedule import budget_schedule
 from .triplet import Triplet
 from .validate import Problems
@@ -125,6 +125,7 @@ class RankAllocator:
         self.target_bgt = config.target_r * len(self.ranks)
         self._backend = backend
         self._ema_update: Any = None  # resolved from the backend of the first step's arrays
+        self._concat: Any = None
         self.reduce: Callable[[Array], Array] | None = None
         self.parts: dict[str, Part] | None = None
         self.reset()
@@ -287,6 +288,7 @@ class RankAllocator:
 
             backend = resolve(self._backend, ps[self.names[0]].A)
             self._ema_update = backend.op("ema_update", ema_update)
+            self._concat = backend.op("flat_concat", flat_concat)
         if not self.shapes:
             self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in ps.items()}
         if self._layout is None:
@@ -326,17 +328,18 @@ class RankAllocator:
             raise ValueError(f"grads name unknown modules {unknown}")
         ps = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in self.names}
         gs = {n: None if grads.get(n) is None else _triplet(grads[n], f"grads[{n!r}]") for n in self.names}
-        namespace(*(t for p in ps.values() for t in p), *(t for g in gs.values() if g is not None for t in g))
-        devices: set[str] = set()
-        dtypes: set[str] = set()
+        weights = [t for p in ps.values() for t in p]
+        arrays = weights + [t for g in gs.values() if g is not None for t in g if t is not None]
+        namespace(*{type(t): t for t in arrays}.values())  # one array per type: cheap, and names a mix
         for name in self.names:
             self._check_module(name, ps[name], gs[name])
-            devices.update(str(device(t)) for t in ps[name])
-            dtypes.update(str(t.dtype) for t in ps[name])
+        devices = {getattr(t, "device", None) for t in weights}  # attributes, not calls: hundreds of arrays
         if len(devices) > 1:
-            raise ValueError(f"all weights must live on one device; found {sorted(devices)}")
+            raise ValueError(f"all weights must live on one device; found {sorted(map(str, devices))}")
+        dtypes = {t.dtype for t in weights}
         if len(dtypes) > 1:
-            raise ValueError(f"all weights must share one dtype (the EMAs are one buffer); found {sorted(dtypes)}")
+            raise ValueError(f"all weights must share one dtype (the EMAs are one buffer); "
+                             f"found {sorted(map(str, dtypes))}")
         return ps, gs
 
     def _check_module(self, name: str, p: Triplet, g: Triplet | None) -> None:
@@ -384,7 +387,7 @@ class RankAllocator:
         filled = {n: Triplet(*(gp if gp is not None else xp.zeros_like(p)
                                for p, gp in zip(params[n], grads.get(n) or (None, None, None))))
                   for n in self.names}
-        ipt = importance(self._layout.pack(params), self._layout.pack(filled))
+        ipt = importance(self._layout.pack(params, self._concat), self._layout.pack(filled, self._concat))
         finite = xp.all(xp.isfinite(ipt))
         if self._m is None:  # EMAs start at zero for every module, updated or not
             self._m, self._u = xp.zeros_like(ipt), xp.zeros_like(ipt)
@@ -394,7 +397,7 @@ class RankAllocator:
             ok = xp.logical_and(finite, self._layout.segment_mask(present, xp, ipt))
         self._m, self._u = xp.where(ok, m, self._m), xp.where(ok, u, self._u)
         self._measured = xp.logical_or(xp.asarray(self._measured, device=device(ipt)), finite)
-        self._pending_skips = self._pending_skips + xp.astype(xp.logical_not(finite), xp.int64)
+        self._pending_skips = self._pending_skips + xp.astype(xp.logical_not(finite), xp.int32)
         if on_host(ipt):
             self.skipped_steps  # noqa: B018 (reading it counts the skip and warns now, at no cost on the host)
 
@@ -428,8 +431,8 @@ class RankAllocator:
             return None
         xp = namespace(self._keep)
         keep = self._keep if dtype is None else xp.astype(self._keep, dtype)  # one op for every module
-        layout = self._layout
-        return {n: xp.reshape(layout.local_rows(n, full), (-1, 1)) for n, full in layout.split_scores(keep).items()}
+        column = xp.reshape(keep, (-1, 1))
+        return {n: column[lo:hi, ...] for n, (lo, hi) in self._layout.local_slices.items()}
 
     def keep_flat(self) -> Array | None:
         """The last mask of every triplet as one flat bool array (layout order); None before any mask."""

@@ -20,7 +20,7 @@ processes completes them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,10 @@ class Layout:
                 self._slot[n] = (gi, j)
         self.numel = flat
         self.total_rank = score
+        # per module, the range of a (total_rank,) array that holds this process's rows of it
+        self.local_slices = {n: (self._blocks[gi][3] + j * g.part.rank + g.part.rows[0],
+                                 self._blocks[gi][3] + j * g.part.rank + g.part.rows[1])
+                             for n, (gi, j) in self._slot.items() for g in (self.groups[gi],)}
 
     @classmethod
     def of(cls, params: Mapping[str, Triplet], parts: Mapping[str, Part] | None = None) -> Layout:
@@ -114,11 +118,12 @@ class Layout:
                 out.extend(per_module[n][k] for n in g.names)
         return out
 
-    def pack(self, arrays: Mapping[str, Triplet]) -> Array:
-        """One flat array holding every module's ``A``, ``B``, ``E`` in layout order."""
-        items = self.order(arrays)
-        xp = namespace(*items)
-        return xp.concat([xp.reshape(t, (-1,)) for t in items])
+    def pack(self, arrays: Mapping[str, Triplet], concat: Callable[[list[Array]], Array] | None = None) -> Array:
+        """One flat array holding every module's ``A``, ``B``, ``E`` in layout order.
+
+        ``concat``: a faster ``flat_concat`` of the arrays' backend, if it has one.
+        """
+        return (concat or flat_concat)(self.order(arrays))
 
     def unpack(self, flat: Array) -> dict[str, Triplet]:
         """Per-module ``Triplet`` views into ``flat`` (no copies where the library allows views)."""
@@ -184,11 +189,11 @@ class Layout:
         items = [per_module[n] for g in self.groups for n in g.names]
         return namespace(*items).concat(items)
 
-    def local_rows(self, name: str, full: Array) -> Array:
-        """The entries of a ``(rank,)`` array that belong to this process's rows of ``name``."""
-        gi, _ = self._slot[name]
-        lo, hi = self.groups[gi].part.rows
-        return full[lo:hi]
+
+def flat_concat(items: list[Array]) -> Array:
+    """The arrays, each flattened, one after the other in one 1-d array."""
+    xp = namespace(items[0])
+    return xp.concat([xp.reshape(t, (-1,)) for t in items])
 
 
 def _pad_columns(xp: Any, t: Array, left: int, right: int) -> Array:

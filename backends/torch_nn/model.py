@@ -106,6 +106,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self.verify_masks = verify_masks
         self._group: Any = None
         self._dist_for: RankAllocator | None = None
+        self._param_cache: tuple[Any, str, dict[str, Triplet]] | None = None
         # adapter -> module -> kept indices into init_r, for modules loaded at a pruned rank
         self._kept_index: dict[str, dict[str, list[int]]] = {}
         self._unloaded = False
@@ -390,21 +391,34 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self._check_orth_used()
         name = self._require_trainable()
         assert self.allocator is not None
-        weights = self._triplets(name)
+        weights = self._step_parameters(name)
         self._ensure_distributed(weights)
-        layers = self._adapter_layers(name)
-        params = {p: Triplet(*(local(t) for t in trip)) for p, trip in weights.items()}
-        grads = {p: Triplet(*(local(getattr(layer, attr)[name].grad) for attr, _ in PARTS))
-                 for p, layer in layers.items()}
-        keep = self.allocator.advance(step, params, grads, mask_dtype=next(iter(params.values())).E.dtype)
-        if keep is None:
-            return
-        Es = [params[p].E for p in params]
         with torch.no_grad():
+            params = {p: Triplet(*(local(t) for t in trip)) for p, trip in weights.items()}
+            grads = {p: Triplet(*(local(t.grad) for t in trip)) for p, trip in weights.items()}
+            keep = self.allocator.advance(step, params, grads, mask_dtype=next(iter(params.values())).E.dtype)
+            if keep is None:
+                return
+            Es = [params[p].E for p in params]
             torch._foreach_mul_(Es, [keep[p] for p in params])
             torch._foreach_add_(Es, 0.0)  # -0.0 -> 0.0, as PEFT's masked_fill writes
         if self.verify_masks and self._group is not None and self.allocator.masks:
             check_agreement(self.allocator.keep_flat(), self._group)
+
+    def _step_parameters(self, name: str) -> dict[str, Triplet]:
+        """The adapter's parameters by module, cached for the per-step path (walking hundreds of
+        ParameterDicts costs more than the allocator's arithmetic). A structural change (a load, a
+        deleted adapter) drops the layer cache and so this one; a parameter swapped under it (as
+        ``fully_shard`` does) is noticed on the first module."""
+        cached = self._param_cache
+        if cached is not None and cached[0] is self._layers and cached[1] == name:
+            path, trip = next(iter(cached[2].items()))
+            layer = self._layers[path]  # type: ignore[index]
+            if trip.A is layer.lora_A[name] and trip.B is layer.lora_B[name] and trip.E is layer.lora_E[name]:
+                return cached[2]
+        params = self._triplets(name, detach=False)
+        self._param_cache = (self._layers, name, params)
+        return params
 
     def _ensure_distributed(self, weights: Mapping[str, Triplet]) -> None:
         """Once per allocator, at its first step or load (after any ``fully_shard``): which rows are
