@@ -97,9 +97,8 @@ def embed(device: str, max_sentences: int) -> tuple[dict[str, np.ndarray], np.nd
 
 def make_task(X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A hidden rank-1 correction ``D = c u vᵀ`` whose output ``x @ D`` has RMS ``CORRECTION`` on ``X``."""
-    d_in, d_out = X.shape[1], X.shape[1]
-    u, v = rng.normal(size=d_in), rng.normal(size=d_out)
-    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    d = X.shape[1]  # the layer is square
+    u, v = (w / np.linalg.norm(w) for w in (rng.normal(size=d), rng.normal(size=d)))
     c = CORRECTION / math.sqrt(float(np.mean((X @ u) ** 2)))
     return (c * np.outer(u, v)).astype(np.float32)
 

@@ -28,7 +28,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -183,8 +183,8 @@ def _targets(tokenizer: Any, teacher: Any, texts: Sequence[str], setting: Settin
     return out
 
 
-def run_seed(tokenizer: Any, base: Any, texts: dict[str, Sequence[str]], setting: Setting, seed: int,
-             lrs: dict[str, Sequence[float]], device: str, log: Any) -> dict[str, Any]:
+def run_seed(tokenizer: Any, base: Any, texts: Mapping[str, Sequence[str]], setting: Setting, seed: int,
+             lrs: Mapping[str, Sequence[float]], device: str, log: Any) -> dict[str, Any]:
     """Both students on one seed; each trained at every learning rate in ``lrs[method]``, the one with the
     lowest validation loss kept."""
     teacher = make_teacher(base, seed)
