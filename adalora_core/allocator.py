@@ -333,13 +333,12 @@ class RankAllocator:
         namespace(*{type(t): t for t in arrays}.values())  # one array per type: cheap, and names a mix
         for name in self.names:
             self._check_module(name, ps[name], gs[name])
-        devices = {getattr(t, "device", None) for t in weights}  # attributes, not calls: hundreds of arrays
-        if len(devices) > 1:
-            raise ValueError(f"all weights must live on one device; found {sorted(map(str, devices))}")
-        dtypes = {t.dtype for t in weights}
-        if len(dtypes) > 1:
+        first = weights[0]  # attributes compared, not calls: this runs over hundreds of arrays every step
+        if any(getattr(t, "device", None) != getattr(first, "device", None) for t in weights):
+            raise ValueError(f"all weights must live on one device; found {sorted({str(device(t)) for t in weights})}")
+        if any(t.dtype != first.dtype for t in weights):
             raise ValueError(f"all weights must share one dtype (the EMAs are one buffer); "
-                             f"found {sorted(map(str, dtypes))}")
+                             f"found {sorted({str(t.dtype) for t in weights})}")
         return ps, gs
 
     def _check_module(self, name: str, p: Triplet, g: Triplet | None) -> None:

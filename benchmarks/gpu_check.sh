@@ -5,14 +5,7 @@
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR [bench args]}; shift
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, peft, cupy, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| peft', peft.__version__, '| cupy', cupy.__version__, '| numpy', numpy.__version__)"
-  date -u; } 2>&1 | tee "$out/machine.txt"
+source "$(dirname "$0")/device_setup.sh"
 echo "== conformance on torch:cuda and cupy"
 python3 -m adalora_core.conformance --backends torch:cuda,cupy --dtypes float32,float64 \
   --json "$out/conformance_cuda.json" 2>&1 | tee "$out/conformance_cuda.txt" | tail -12
