@@ -8,10 +8,10 @@ are the unperturbed model with AdaLoRA (``init_r`` 8 pruned to an average of
 number of rank-1 components, and the same number of trainable parameters when
 AdaLoRA's final ranks are the planted ones (the planted ranks average 4 over the
 attention projections and over the MLP matrices separately). Both are trained
-with the same optimizer, learning rate and batches to match the teacher's hidden
-states (every layer's output, padding masked out) on sentences of Python's own
-documentation, and scored on held-out sentences. Each method gets its best
-learning rate from the setting's ``lrs``, chosen on seed 0 by the loss on validation sentences
+with Adam on the same batches to match the teacher's hidden states (every
+layer's output, padding masked out) on sentences of Python's own documentation,
+and scored on held-out sentences. Each method gets its best learning rate from
+the setting's ``lrs``, chosen on seed 0 by the loss on validation sentences
 (taken from the training side, never the held-out ones) and kept for the other
 seeds. The perturbations, their ranks and sizes, and the protocol were fixed
 before any result was seen.
@@ -110,8 +110,11 @@ def _hidden(model: Any, enc: dict[str, Any]) -> Any:
     return model(**enc, output_hidden_states=True).hidden_states
 
 
+Evalset = Sequence[tuple[dict[str, Any], Any]]  # batches and the teacher's hidden states for them
+
+
 @torch.no_grad()
-def evaluate(model: Any, evalset: Sequence[tuple[dict[str, Any], Any]]) -> float:
+def evaluate(model: Any, evalset: Evalset) -> float:
     """Held-out loss, weighted by the tokens of each batch."""
     num = den = 0.0
     for enc, target in evalset:
@@ -132,9 +135,6 @@ def make_student(method: str, base: Any, setting: Setting, seed: int) -> tuple[A
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=TARGET_R, lora_alpha=TARGET_R, lora_dropout=0.0,
                                                            target_modules=list(PLANTED)))
     return model, [p for p in model.parameters() if p.requires_grad]
-
-
-Evalset = Sequence[tuple[dict[str, Any], Any]]
 
 
 def train(method: str, lr: float, base: Any, teacher: Any, batches: Sequence[dict[str, Any]], held: Evalset,
