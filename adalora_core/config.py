@@ -396,7 +396,7 @@ def _module_name(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class MicroLoraConfig(_Config):
-    """Rank-1/2 adapters for per-request adaptation (``shared/spec/MICROLORA.md``).
+    """Rank-1/2 adapters for per-request adaptation (``docs/spec-microlora.md``).
 
     ``rank`` must be 1 or 2: the original silently clamped other values; here
     they are an error (use :class:`adalora_core.lora.LoraAdapter` for any rank).

@@ -431,8 +431,8 @@ def header(b: Bench, info: dict) -> None:
     print("- floor = max(bytes / bandwidth at the footprint, FLOPs / peak): loads only (stores "
           "overlap); past L1, up to loads + stores (write-backs share the L2 path); "
           "kernel / floor uses the lower figure")  # fmt: skip
-    print("- ruvLLM: the Rust seed's published figures (Apple M4 Pro, NEON, rank 2), another "
-          "machine, for orientation only\n")  # fmt: skip
+    print("- ruvLLM: the Rust original's published figures (Apple M4 Pro, NEON, rank 2; "
+          "docs/spec-microlora.md), another machine, for orientation only\n")  # fmt: skip
 
 
 def main() -> int:

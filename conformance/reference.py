@@ -10,11 +10,11 @@ and returns new float64 arrays or Python numbers; no input is ever modified.
 
 Sections
 --------
-AdaLoRA (``shared/spec/ADALORA.md``; Hugging Face PEFT 0.21 ``tuners/adalora``):
+AdaLoRA (``docs/spec-adalora.md``; Hugging Face PEFT 0.21 ``tuners/adalora``):
     triplet_forward, triplet_backward, delta_weight, merge, unmerge,
     orth_reg, orth_reg_grad, budget_schedule, ema_update, triplet_scores,
     kth_threshold, ReferenceAllocator.
-MicroLoRA and EWC++ (``shared/spec/MICROLORA.md``):
+MicroLoRA and EWC++ (``docs/spec-microlora.md``):
     lora_forward, lora_accumulate, lora_apply, ewc_fisher_ema,
     ewc_fisher_window, minmax_normalise, ewc_penalty, ewc_penalty_grad,
     ewc_apply_explicit, ewc_apply_proximal, golden_init, batched_forward.

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -7,7 +9,8 @@ from adalora_core import budget_schedule
 
 
 def test_worked_example_from_the_spec():
-    kw = dict(init_bgt=8, target_bgt=4, tinit=2, tfinal=3, total_step=12, deltaT=2)
+    """docs/spec-adalora.md's worked example."""
+    kw = {"init_bgt": 8, "target_bgt": 4, "tinit": 2, "tfinal": 3, "total_step": 12, "deltaT": 2}
     got = [budget_schedule(s, **kw) for s in range(15)]
     expected = [(8, False)] * 3 + [(6, False), (5, True), (4, False), (4, True), (4, False), (4, True),
                                    (4, False)] + [(4, True)] * 5
@@ -21,8 +24,9 @@ def test_worked_example_from_the_spec():
 def test_budget_never_increases_and_stays_in_range(init_bgt, frac, tinit, tfinal, budget_len, delta):
     target = int(init_bgt * frac)
     total = tinit + tfinal + budget_len
-    kw = dict(init_bgt=init_bgt, target_bgt=target, tinit=tinit, tfinal=tfinal, total_step=total, deltaT=delta)
+    kw = {"init_bgt": init_bgt, "target_bgt": target, "tinit": tinit, "tfinal": tfinal, "total_step": total,
+          "deltaT": delta}
     budgets = [budget_schedule(s, **kw)[0] for s in range(total + 3)]
-    assert all(b1 >= b2 for b1, b2 in zip(budgets, budgets[1:]))
+    assert all(b1 >= b2 for b1, b2 in itertools.pairwise(budgets))
     assert all(target <= b <= init_bgt for b in budgets)
     assert budgets[total - tfinal] == target

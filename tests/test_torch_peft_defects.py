@@ -1,4 +1,4 @@
-"""PEFT's AdaLoRA defects (spec list 1-7; 9 is in test_torch_callback.py), each shown on PEFT and fixed here.
+"""PEFT's AdaLoRA defects (docs/peft-differences.md, 1-7; 9 is in test_torch_callback.py), each shown on PEFT and fixed here.
 
 Every test runs the same scenario on PEFT and on us: the PEFT half asserts
 the defect (so the test would fail if we behaved like PEFT), the other half
