@@ -9,7 +9,8 @@ previous task)::
 
 The Fisher is fed the mean accumulated gradient ``g`` of each update:
 
-* ``mode="ema"`` (the original's form): ``F = decay * F + (1 - decay) * g**2``;
+* ``mode="ema"`` (the form of the original, ruvLLM's ``micro_lora.rs``; ``docs/spec-microlora.md``):
+  ``F = decay * F + (1 - decay) * g**2``;
 * ``mode="window"`` (Chaudhry et al. 2018, RWalk's EWC++): ``S += g**2`` on
   every update and, every K updates, ``F = alpha * S / K + (1 - alpha) * F``,
   ``S = 0``;
