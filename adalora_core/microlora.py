@@ -8,8 +8,8 @@ reward-scaled gradient (``adapt``); ``apply_updates`` takes the step, feeding
 the EWC++ Fisher first, and ``apply_updates_with_ewc`` adds the penalty that
 keeps earlier tasks from being forgotten.
 
-Fixes against the original (ruvLLM ``micro_lora.rs``): a rank other than 1
-or 2 is an error, not silently clamped; a feedback without a gradient
+Fixes against the original (ruvLLM's ``micro_lora.rs``, summarised in
+``docs/spec-microlora.md``): a rank other than 1 or 2 is an error, not silently clamped; a feedback without a gradient
 estimate is an error (the original's ``quality * 0.01`` stand-in, which
 carries no direction, only behind ``allow_heuristic_gradient=True``, with a
 warning); the Fisher is actually fed, so EWC does something; feedback,
