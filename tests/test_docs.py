@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ RUNNERS = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "sh
 MARK = re.compile(r"^\s*<!--\s*not run(?::\s*(?P<why>.*?))?\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 INSTALLS = re.compile(r"\b(pip|uv pip|conda|apt-get)\s+(install|uninstall)\b")
-TIMEOUT_S = 120
+TIMEOUT_S = 120  # a guard against hangs: blocks too slow for the suite are marked instead
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def test_the_pages_have_code_blocks():
 @pytest.mark.parametrize("block", CODE, ids=[b.where for b in CODE])
 def test_block_runs(block: Block, tmp_path: Path) -> None:
     if block.not_run is not None:
-        pytest.skip(f"not run: {block.not_run}")
+        pytest.skip(f"{block.where} not run: {block.not_run}")
     if RUNNERS[block.lang] == "python":
         cmd = [sys.executable, "-c", block.code]
     else:
@@ -108,12 +110,24 @@ def test_block_runs(block: Block, tmp_path: Path) -> None:
             if entry.name != ".git":
                 (tmp_path / entry.name).symlink_to(entry)
         cmd = ["bash", "-euo", "pipefail", "-c", block.code]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    try:
-        run = subprocess.run(cmd, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+    returncode, stderr = _run(cmd, tmp_path)
+    if returncode is None:
         pytest.fail(f"{block.where} ran past {TIMEOUT_S} s: shorten it or mark it <!-- not run: why -->")
-    assert run.returncode == 0, f"{block.where} failed (exit {run.returncode}):\n{run.stderr[-4000:]}"
+    assert returncode == 0, f"{block.where} failed (exit {returncode}):\n{stderr[-4000:]}"
+
+
+def _run(cmd: list[str], cwd: Path) -> tuple[int | None, str]:
+    """``(exit status, stderr)``; ``(None, stderr)`` after killing the whole process group at the timeout,
+    so that no child of a bash block (a long run that would write its results later) outlives the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[1]
+    return proc.returncode, stderr
 
 
 SAMPLE = """\
@@ -136,6 +150,14 @@ torchrun --nproc-per-node 2 train.py
 a tree, no language
 ```
 """
+
+
+def test_a_block_past_the_timeout_is_killed_with_its_children(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TIMEOUT_S", 1)
+    returncode, _ = _run(["bash", "-c", "(sleep 2; touch late) & wait"], tmp_path)
+    assert returncode is None
+    time.sleep(2)
+    assert not (tmp_path / "late").exists()
 
 
 def test_parse_reads_languages_marks_and_indented_blocks():
