@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -224,10 +225,12 @@ class LoraStack:
     Fields (``arrays``): ``At (m, r, in)`` (A rank-major), ``B (m, r, out)``, their
     summed gradients ``gAt``, ``gB``, and with ``use_bias`` ``bias (m, out)`` and
     ``gbias``. :attr:`A` is ``At`` seen as ``(m, in, r)``, the form the batched
-    forward takes. Writes go through :func:`~adalora_core._at.at`, so on libraries
-    without in-place updates they replace whole arrays; ``version`` counts those
-    replacements (and every growth) so that adapters know when to refresh their
-    per-slot views. Not locked: callers hold the lock of the adapters using it.
+    forward takes. Adapters cache views of their slot. Writes go through
+    :func:`~adalora_core._at.at`: on libraries without in-place updates a write
+    replaces the whole array, and the writer refreshes its views (the other
+    adapters' views still hold their own slots' data, which did not change).
+    Growth replaces every array, so the stack refreshes the views of the adapters
+    :meth:`attach`-ed to it. Not locked: callers hold the lock of the adapters using it.
     """
 
     def __init__(self, backend: Any, in_features: int, out_features: int, rank: int, dtype: str, *,
@@ -240,8 +243,8 @@ class LoraStack:
             shapes.update(bias=(out_features,), gbias=(out_features,))
         self._shapes = shapes
         self.arrays: dict[str, Array] = {k: backend.zeros((capacity, *s), dtype=dtype) for k, s in shapes.items()}
-        self.version = 0
-        self._A: tuple[int, Array] | None = None
+        self._members: dict[int, weakref.ReferenceType[LoraAdapter]] = {}
+        self._A: tuple[Array, Array] | None = None  # (At, its (m, in, r) view)
 
     @property
     def capacity(self) -> int:
@@ -250,8 +253,9 @@ class LoraStack:
     @property
     def A(self) -> Array:
         """Every adapter's ``A`` as ``(m, in, r)``: a view of the rank-major ``At``."""
-        if self._A is None or self._A[0] != self.version:
-            self._A = (self.version, self.backend.xp.permute_dims(self.arrays["At"], (0, 2, 1)))
+        At = self.arrays["At"]
+        if self._A is None or self._A[0] is not At:
+            self._A = (At, self.backend.xp.permute_dims(At, (0, 2, 1)))
         return self._A[1]
 
     @property
@@ -262,27 +266,36 @@ class LoraStack:
         return (self.in_features, self.out_features, self.rank, self.dtype_name, self.use_bias) == \
             (in_features, out_features, rank, dtype, use_bias)
 
+    def attach(self, slot: int, adapter: LoraAdapter) -> None:
+        """``adapter`` uses ``slot`` (its views are refreshed when the stack grows)."""
+        self._members[slot] = weakref.ref(adapter)
+
+    def release(self, slot: int) -> None:
+        self._members.pop(slot, None)
+
     def grow(self, capacity: int) -> None:
         """``capacity`` slots; the old ones keep their contents, the new ones are zero."""
         xp, extra = self.backend.xp, capacity - self.capacity
         for k, s in self._shapes.items():
             self.arrays[k] = xp.concat([self.arrays[k], self.backend.zeros((extra, *s), dtype=self.dtype_name)],
                                        axis=0)
-        self.version += 1
+        for ref in list(self._members.values()):
+            adapter = ref()
+            if adapter is not None:
+                adapter._sync()
 
-    def write(self, slot: int, field: str, value: Any) -> None:
-        """``arrays[field][slot] = value`` (in place where the library allows it)."""
+    def write(self, slot: int, field: str, value: Any) -> bool:
+        """``arrays[field][slot] = value`` (in place where the library allows it); True when
+        the array was replaced instead (the writer's views must be refreshed)."""
         old = self.arrays[field]
         new = at(old, slot).set(value)
-        if new is not old:
-            self.arrays[field] = new
-            self.version += 1
+        self.arrays[field] = new
+        return new is not old
 
-    def clear(self, slot: int, fields: tuple[str, ...] = ("At", "B", "gAt", "gB", "bias", "gbias")) -> None:
-        """Zero ``fields`` (those this stack has) of ``slot``."""
-        for k in fields:
-            if k in self.arrays:
-                self.write(slot, k, 0)
+    def clear(self, slot: int, fields: tuple[str, ...] = ("At", "B", "gAt", "gB", "bias", "gbias")) -> bool:
+        """Zero ``fields`` (those this stack has) of ``slot``; True when an array was replaced."""
+        replaced = [self.write(slot, k, 0) for k in fields if k in self.arrays]
+        return any(replaced)
 
 
 # The adapter's per-slot views: view attribute -> (stack field, stored transposed).
@@ -359,6 +372,7 @@ class LoraAdapter:
         self.forward_calls = 0
         self.skipped_updates = 0
 
+        self._stack.attach(self._slot, self)
         self._stack.clear(self._slot)
         if init == "kaiming":
             bound = math.sqrt(2.0 / in_features)
@@ -380,20 +394,21 @@ class LoraAdapter:
         self._A, self._gA = self._At.T, self._gAt.T
         self._bias: Array | None = a["bias"][s, ...] if self.use_bias else None
         self._gbias: Array | None = a["gbias"][s, ...] if self.use_bias else None
-        self._ver = self._stack.version
 
-    def _fresh(self) -> None:
-        if self._ver != self._stack.version:
+    def _clear(self, fields: tuple[str, ...]) -> None:
+        if self._stack.clear(self._slot, fields):
             self._sync()
 
     def _put(self, arrays: Mapping[str, Array]) -> None:
         """Store ``arrays`` (keyed by view: ``"_A"``, ``"_gB"``, ...) in the adapter's slot.
         An op that updated a view in place returned that view: nothing to copy then."""
+        replaced = False
         for view, value in arrays.items():
             if value is not getattr(self, view):
                 field, transposed = _VIEWS[view]
-                self._stack.write(self._slot, field, value.T if transposed else value)
-        self._fresh()
+                replaced |= self._stack.write(self._slot, field, value.T if transposed else value)
+        if replaced:
+            self._sync()
 
     def _pick_ops(self, be: Any, dt: Any) -> None:
         fast = dt == be.dtype("float32")
@@ -434,8 +449,7 @@ class LoraAdapter:
         return self._dtype
 
     def _view(self, name: str) -> Array:
-        with self._lock:
-            self._fresh()
+        with self._lock:  # not while the stack grows and refreshes the views
             return getattr(self, name)
 
     @property
@@ -476,11 +490,12 @@ class LoraAdapter:
         """Move the adapter's arrays into a stack of its own (a copy); its old slot is left
         to the stack's owner. A pool detaches an adapter it evicts, so the handle keeps working."""
         with self._lock:
-            self._fresh()
             own = LoraStack(self.backend, self.in_features, self.out_features, self._rank, self.dtype_name,
                             use_bias=self.use_bias)
             for field, a in self._stack.arrays.items():
                 own.write(0, field, a[self._slot, ...])
+            self._stack.release(self._slot)
+            own.attach(0, self)
             self._stack, self._slot = own, 0
             self._sync()
 
@@ -496,8 +511,6 @@ class LoraAdapter:
         lock = self._lock  # release exactly the lock acquired
         lock.acquire()  # try/finally: cheaper than a with-statement on this hot path
         try:
-            if self._ver != self._stack.version:
-                self._sync()
             out = self._fwd(x, self._A, self._B, self.scaling, out)
             self.forward_calls += 1
         finally:
@@ -521,7 +534,6 @@ class LoraAdapter:
         """
         check_float("reward", reward)
         with self._lock:
-            self._fresh()
             n = 1 if getattr(x, "ndim", None) == 1 else int(x.shape[0]) if getattr(x, "ndim", None) == 2 else 0
             gA, gB = self._acc(x, grad_out, self._A, self._B, self.scaling, reward, self._gA, self._gB)
             self._put({"_gA": gA, "_gB": gB})
@@ -537,13 +549,11 @@ class LoraAdapter:
             self._zero_grads()
 
     def _zero_grads(self) -> None:
-        self._stack.clear(self._slot, ("gAt", "gB", "gbias"))
-        self._fresh()
+        self._clear(("gAt", "gB", "gbias"))
         self.pending_updates = 0
 
     def _ready(self) -> bool:
         """True when a step should run; drops (and counts) a non-finite gradient."""
-        self._fresh()
         if self.pending_updates == 0:
             return False
         if not all_finite(self._xp, self._gAt, self._gB, self._gbias):
@@ -571,7 +581,6 @@ class LoraAdapter:
         snapshot = ewc.snapshot() if ewc is not None else None
         n = self.pending_updates
         run()
-        self._fresh()
         written = [getattr(self, k) for k in weights]
         if ewc is not None:
             written += [ewc.fisher_a, ewc.fisher_b, ewc.window_a, ewc.window_b]
@@ -656,7 +665,6 @@ class LoraAdapter:
             raise ValueError(f"layout={layout!r} is invalid: must be 'out_in' (torch nn.Linear weight, "
                              "(out, in)) or 'in_out' (W is (in, out))")
         with self._lock:
-            self._fresh()
             if layout == "in_out":
                 return self.scaling * (self._A @ self._B)
             return self.scaling * (self._B.T @ self._At)
@@ -689,7 +697,6 @@ class LoraAdapter:
         if not all_finite(self._xp, A, B, bias):
             raise ValueError("weights must be finite")
         with self._lock:
-            self._fresh()
             self._put({"_A": A, "_B": B} if bias is None else {"_A": A, "_B": B, "_bias": bias})
 
     def _check_array(self, name: str, a: Array, shape: tuple[int, ...]) -> None:
@@ -702,7 +709,7 @@ class LoraAdapter:
     def reset(self) -> None:
         """B = 0 (and bias = 0), gradients cleared, counters zeroed; A is kept (so the adapter is the identity again)."""
         with self._lock:
-            self._stack.clear(self._slot, ("B", "bias"))
+            self._clear(("B", "bias"))
             self._zero_grads()
             self.forward_calls = 0
             self.skipped_updates = 0
@@ -712,7 +719,6 @@ class LoraAdapter:
     def state_arrays(self) -> dict[str, Array]:
         """The adapter's arrays in the public layout (views on mutable libraries; copy them under ``lock``)."""
         with self._lock:
-            self._fresh()
             out = {"lora_A": self._A, "lora_B": self._B, "grad_A": self._gA, "grad_B": self._gB}
             if self._bias is not None:
                 out["bias"] = self._bias
@@ -733,6 +739,5 @@ class LoraAdapter:
         if self.use_bias:
             views.update(_bias="bias", _gbias="grad_bias")
         with self._lock:
-            self._fresh()
             self._put({view: arrays[key] for view, key in views.items()})
             self.pending_updates = int(pending)
