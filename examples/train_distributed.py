@@ -75,9 +75,10 @@ def main() -> None:
         dcp.load(state, checkpoint_id=path)
         model.load_state_dict(state)
         loss = train(call, model, range(a.resume_at, STEPS), rank, device)
-    model.save_pretrained("adapter-distributed")  # every rank calls it; rank 0 writes
+    out = os.path.join(tempfile.gettempdir(), "adapter-distributed")
+    model.save_pretrained(out)  # every rank calls it (shards are gathered); rank 0 writes
     if rank == 0:
-        print(f"{a.mode}: loss {loss:.4f}, ranks {model.current_ranks()}")
+        print(f"{a.mode}: loss {loss:.4f}, ranks {model.current_ranks()}, adapter in {out}")
     dist.destroy_process_group()
 
 
