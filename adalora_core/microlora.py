@@ -371,7 +371,7 @@ class MicroLoRA:
         if self._ewc is None:
             raise ValueError("apply_updates_with_ewc needs EWC: construct MicroLoRA with ewc=EwcConfig(...)")
         check_float("lr", lr, 0.0)
-        lam = self.ewc_config.lam if lam is None else lam
+        lam = self.ewc_config.lam if lam is None else lam  # type: ignore[union-attr]  # EWC is on
         check_float("lam", lam, 0.0)
         n = 0
         for m in self._select(modules):
@@ -493,7 +493,8 @@ class MicroLoRA:
         r = config.rank
         for m in config.target_modules:
             i, o = config.dims(m)
-            spec = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
+            spec: dict[str, tuple[int, ...]] = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r),
+                                                "grad_B": (r, o)}
             if config.use_bias:
                 spec.update(bias=(o,), grad_bias=(o,))
             if ewc_cfg is not None:

@@ -81,5 +81,5 @@ class SGD:
     def step(
         self, params: Mapping[str, Array], grads: Mapping[str, Array | None], state: Mapping[str, Any]
     ) -> tuple[dict[str, Array], dict[str, Any]]:
-        out = {k: (p if grads.get(k) is None else p - self.lr * grads[k]) for k, p in params.items()}
+        out = {k: (p if (g := grads.get(k)) is None else p - self.lr * g) for k, p in params.items()}
         return out, {"step": state["step"] + 1}
