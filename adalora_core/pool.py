@@ -371,12 +371,12 @@ class AdapterPool:
                    seed=meta["seed"] if isinstance(meta.get("seed"), int) else 0, init=meta["init"],
                    capacity=max(n, 1))
         be = pool.backend
-        for k, s in enumerate(ids):
+        for j, s in enumerate(ids):
             ad = pool.create(s)
-            ad.load_state_arrays({key: be.asarray(host[key][k], dtype=pool.dtype_name) for key in host},
-                                 meta["pending"][k])
-            ad.forward_calls = meta["forward_calls"][k]
-            ad.skipped_updates = meta["skipped_updates"][k]
+            ad.load_state_arrays({key: be.asarray(host[key][j], dtype=pool.dtype_name) for key in host},
+                                 meta["pending"][j])
+            ad.forward_calls = meta["forward_calls"][j]
+            ad.skipped_updates = meta["skipped_updates"][j]
         pool.forward_calls = meta["pool_forward_calls"]
         pool.skipped_requests = meta["skipped_requests"]
         return pool

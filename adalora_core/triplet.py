@@ -74,10 +74,11 @@ def check_args(xp: Any, A: Array, E: Array, B: Array, scaling: float, ranknum: f
                         "real floating (integer arrays would truncate the result)")
     check_float("scaling", scaling)
     if hasattr(ranknum, "dtype"):
-        floating = ranknum.dtype == A.dtype or xp.isdtype(ranknum.dtype, "real floating")
-        if not floating or tuple(ranknum.shape) not in ((), (1,)):
+        arr: Array = ranknum
+        floating = arr.dtype == A.dtype or xp.isdtype(arr.dtype, "real floating")
+        if not floating or tuple(arr.shape) not in ((), (1,)):
             raise TypeError(f"ranknum must be a number > 0 or a real floating (1,) array, got an array of "
-                            f"shape {tuple(ranknum.shape)} and dtype {ranknum.dtype}")
+                            f"shape {tuple(arr.shape)} and dtype {arr.dtype}")
     else:
         check_float("ranknum", ranknum, 0.0, low_open=True)
 

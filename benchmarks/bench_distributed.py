@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-import bench_gpu_step as B  # noqa: E402
+import bench_gpu_step as B
 
-import adalora_core as ac  # noqa: E402
+import adalora_core as ac
 
 
 def main() -> None:

@@ -502,7 +502,8 @@ class _Script:
                     ) -> tuple[dict[str, tuple[np.ndarray, ...]], dict[str, tuple[np.ndarray | None, ...] | None]]:
         """Weights (after the optimizer step) and gradients of step ``t``, host float64 rounded to dtype."""
         rng = np.random.default_rng([self.seed, t])
-        params, grads = {}, {}
+        params: dict[str, tuple[np.ndarray, ...]] = {}
+        grads = {}
         for name in self.names:
             bm = base[name]
             A = _round(bm["A"] + 0.02 * rng.normal(size=bm["A"].shape), dtype)
@@ -531,12 +532,12 @@ class _Script:
             if step == t:
                 grads[self.names[m]][idx[part]] = None
         out_grads: dict[str, tuple[np.ndarray | None, ...] | None] = {n: tuple(g) for n, g in grads.items()}
-        for step, m in self.missing:
+        for step, mod in self.missing:
             if step == t:
-                if m is None:
+                if mod is None:
                     out_grads = {}
                 else:
-                    out_grads.pop(self.names[m], None)
+                    out_grads.pop(self.names[mod], None)
         return params, out_grads
 
 
@@ -567,6 +568,7 @@ def _alloc_reference(script: _Script, dtype: str) -> dict[str, np.ndarray]:
                 assert prev_scores is not None
                 _check_separation(prev_scores, ref.init_bgt - ref.target_bgt, t)
             elif ref.budget_schedule(t)[1]:
+                assert ref.last_budget is not None
                 _check_separation(ref.scores(), ref.init_bgt - ref.last_budget, t)
         if not ref.finalized:
             prev_scores = ref.scores()

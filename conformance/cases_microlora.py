@@ -505,7 +505,8 @@ class _RefSeq:
         self.adaptations = 0
 
     def adapt(self, mod, x, g, q, rw) -> None:
-        dA, dB = R.lora_accumulate(x, g, *self.W[mod], S, q if rw is None else rw)
+        A, B = self.W[mod]
+        dA, dB = R.lora_accumulate(x, g, A, B, S, q if rw is None else rw)
         G = self.G[mod]
         G[0], G[1], G[2] = G[0] + dA, G[1] + dB, G[2] + 1
         self.adaptations += 1

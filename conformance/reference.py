@@ -353,8 +353,8 @@ class ReferenceAllocator:
         self.importance_updates = 0  # applied (not skipped) importance updates
         self.last_budget: int | None = None
         # EMAs are created lazily from the first params' shapes (zeros).
-        self.exp_avg_ipt: dict[str, list[np.ndarray | None]] | None = {}
-        self.exp_avg_unc: dict[str, list[np.ndarray | None]] | None = {}
+        self.exp_avg_ipt: dict[str, list[np.ndarray]] | None = {}
+        self.exp_avg_unc: dict[str, list[np.ndarray]] | None = {}
 
     # -- helpers ---------------------------------------------------------
 
@@ -392,6 +392,8 @@ class ReferenceAllocator:
                     self.skipped_steps += 1
                     return
         updated = False
+        ipt, unc = self.exp_avg_ipt, self.exp_avg_unc
+        assert ipt is not None and unc is not None
         for name in self.names:
             gtuple = grads.get(name) if grads is not None else None
             if gtuple is None:  # missing gradient: skip this module
@@ -399,16 +401,7 @@ class ReferenceAllocator:
             for j, (p, g) in enumerate(zip(params[name], gtuple)):
                 if g is None:  # missing gradient of one tensor: skip that tensor
                     continue
-                m, u = ema_update(
-                    self.exp_avg_ipt[name][j],
-                    self.exp_avg_unc[name][j],
-                    p,
-                    g,
-                    self.beta1,
-                    self.beta2,
-                )
-                self.exp_avg_ipt[name][j] = m
-                self.exp_avg_unc[name][j] = u
+                ipt[name][j], unc[name][j] = ema_update(ipt[name][j], unc[name][j], p, g, self.beta1, self.beta2)
                 updated = True
         if updated:
             self.importance_updates += 1
@@ -621,12 +614,11 @@ def batched_forward(x, A_stack, B_stack, scaling, idx) -> np.ndarray:
     idx = np.asarray(idx).astype(np.int64).reshape(-1)
     if idx.shape[0] != x.shape[0]:
         raise ValueError(f"idx has {idx.shape[0]} entries, x has {x.shape[0]} rows")
-    per_adapter = np.ndim(scaling) > 0
-    s_arr = _f64(scaling).reshape(-1) if per_adapter else None
+    s_arr = _f64(scaling).reshape(-1) if np.ndim(scaling) > 0 else None  # one scaling per adapter
     out = np.zeros((x.shape[0], Bs.shape[2]), dtype=np.float64)
     for b in range(x.shape[0]):
         a = int(idx[b])
-        s = float(s_arr[a]) if per_adapter else float(scaling)
+        s = float(s_arr[a]) if s_arr is not None else float(scaling)
         out[b] = s * ((x[b] @ As[a]) @ Bs[a])
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from adalora_core.backends import get_backend
 
 BACKEND_SPECS = ["numpy", "native", "array_api_strict", "array_api_strict:device1", "torch"]

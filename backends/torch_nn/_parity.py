@@ -40,7 +40,7 @@ class TinyMLP(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         h = torch.relu(self.fc_in(x))
         for block in self.blocks:
-            h = h + block["down"](torch.tanh(block["up"](h)))
+            h = h + block["down"](torch.tanh(block["up"](h)))  # type: ignore[index]  # ModuleDicts
         logits = self.head(h)
         loss = None if labels is None else nn.functional.mse_loss(logits, labels)
         return types.SimpleNamespace(loss=loss, logits=logits)
@@ -76,8 +76,8 @@ def build(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
             _quiet_transformers()
             from transformers import GPT2Config, GPT2LMHeadModel
 
-            model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                               bos_token_id=0, eos_token_id=0))
+            model: nn.Module = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB,
+                                                          n_positions=16, bos_token_id=0, eos_token_id=0))
         elif kind == "llama":
             _quiet_transformers()
             from transformers import LlamaConfig, LlamaForCausalLM
@@ -215,7 +215,7 @@ def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
         torch.manual_seed(10_000 + step)  # same dropout draws in both implementations
         loss, out = loss_and_out(model, batch)
         loss.backward()
-        grads.append(_flat([p.grad for _, p in params]))
+        grads.append(_flat([p.grad for _, p in params]))  # type: ignore[misc]  # all set by backward()
         opt.step()
         update(model, step)
         if hook is not None:
@@ -227,6 +227,7 @@ def trajectory(model: Any, kind: str, steps: int, lr: float = 1e-2,
         r = params[1][1].shape[0]
         masks.append(np.array([b for m in modules for b in rp.get(f"{m}.lora_E", [True] * r)], dtype=bool))
     weights_ = np.stack(weights)
+    assert out is not None, "steps must be >= 1"
     sizes = [p.numel() for _, p in params]
     starts = np.cumsum([0, *sizes])
     e_cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in range(1, len(params), 3)])

@@ -89,7 +89,7 @@ def load(alloc: RankAllocator, weights: Mapping[str, Triplet], state_dict: Mutab
     p.require(not unknown, f"unexpected entries {unknown[:6]}")
     step = _ints(p, entries.get("step"), "step", len(STEP_FIELDS))
     counts = _ints(p, entries.get("missing_grads"), "missing_grads", len(alloc.names))
-    schedule = entries.get("schedule")
+    schedule: Any = entries.get("schedule")
     want = [float(getattr(alloc.config, f)) for f in SCHEDULE_FIELDS]
     if p.require(isinstance(schedule, torch.Tensor) and tuple(schedule.shape) == (len(want),),
                  f"'schedule' must be a tensor of {len(want)} values"):
@@ -109,7 +109,7 @@ def load(alloc: RankAllocator, weights: Mapping[str, Triplet], state_dict: Mutab
     for key, t in entries.items():
         real = (key.startswith("ema_") and fields["has_emas"]) or (key.startswith("mask.") and fields["has_masks"])
         if real:
-            arrays[key] = local(t).to(dev) if isinstance(t, torch.Tensor) else t
+            arrays[key] = local(t).to(dev) if isinstance(t, torch.Tensor) else t  # type: ignore[union-attr]
     params = {n: Triplet(*(local(w) for w in trip)) for n, trip in weights.items()}
     alloc.commit(alloc.check_state(arrays, meta, params=params))
 

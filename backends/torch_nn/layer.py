@@ -170,7 +170,7 @@ class SVDLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer: Any = base_layer  # Linear, Conv1D, Conv2d or a quantized linear: attributes differ
         # Registration order as PEFT's (A, B, then E, ranknum): state dicts list keys alike.
         self.lora_A = nn.ParameterDict({})
         self.lora_B = nn.ParameterDict({})

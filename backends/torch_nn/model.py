@@ -25,7 +25,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from adalora_core.backends import get_backend
@@ -251,7 +251,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self._layers = None
         kept: dict[str, list[int]] = {}
         if loaded is not None:
-            layers = {k: self.model.get_submodule(k) for k in names}
+            layers = {k: cast(SVDLayer, self.model.get_submodule(k)) for k in names}  # wrapped above
             # PEFT resizes in the rank pattern's order, drawing fresh weights at each new rank
             for key, mask in pattern.items():
                 path = key[: -len(".lora_E")]
@@ -403,7 +403,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
             torch._foreach_mul_(Es, [keep[p] for p in params])
             torch._foreach_add_(Es, 0.0)  # -0.0 -> 0.0, as PEFT's masked_fill writes
         if self.verify_masks and self._group is not None and self.allocator.masks:
-            check_agreement(self.allocator.keep_flat(), self._group)
+            check_agreement(self.allocator.keep_flat(), self._group)  # type: ignore[arg-type]  # masks exist
 
     def _step_parameters(self, name: str) -> dict[str, Triplet]:
         """The adapter's parameters by module, cached for the per-step path (walking hundreds of
@@ -738,7 +738,7 @@ def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
         yield from store.values()
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
+def _in_out(module: Any) -> tuple[int, int]:  # Linear, Conv1D, Conv2d or a quantized linear
     if isinstance(module, SVDLayer):
         return module.in_features, module.out_features
     probe = layer_kind(module)
