@@ -5,6 +5,11 @@ caller's. Each call returns new ``E`` arrays (masked where a triplet is
 pruned) and never mutates its inputs, so it runs on any Array API library and
 the torch integration simply copies the results into its parameters.
 
+The arithmetic is one pure function, :func:`allocator_step` (state and
+inputs in, new state and ``E`` out), which runs under ``jax.jit`` with a
+traced step; :class:`RankAllocator` is the stateful wrapper that checks
+inputs, warns, counts, and saves and loads (see docs/embedding.md).
+
 Semantics follow PEFT's ``RankAllocator`` bit for bit on torch in float32, with
 its failure paths fixed (see docs/peft-differences.md): budgets come from the
 current shapes, the final allocation happens at the first step at or past
@@ -14,11 +19,14 @@ EMAs, and ``state_dict`` captures everything needed to resume exactly.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from ._xp import Array, device, namespace, on_host
 from .config import AdaLoraConfig
@@ -65,15 +73,26 @@ def triplet_scores(sA: Array, sE: Array, sB: Array) -> Array:
     return xp.reshape(sE, (-1,)) + (xp.mean(sA, axis=1) + xp.mean(sB, axis=0))
 
 
-def kth_threshold(scores: Sequence[Array], k: int) -> Array | None:
-    """The ``k``-th smallest (1-based, as ``torch.kthvalue``) of all scores; None when ``k <= 0``."""
-    if k <= 0:
-        return None
+def kth_threshold(scores: Sequence[Array], k: int | Array) -> Array | None:
+    """The ``k``-th smallest (1-based, as ``torch.kthvalue``) of all scores; None when ``k <= 0``.
+
+    ``k`` may be an integer array (a budget traced under ``jax.jit``): the
+    value is then read at a computed index, ``-inf`` (which prunes nothing)
+    when ``k <= 0``, and ``k`` is clipped to the number of scores, since a
+    traced value cannot raise.
+    """
     xp = namespace(*scores)
     flat = xp.concat([xp.reshape(s, (-1,)) for s in scores])
-    if k > flat.shape[0]:
-        raise ValueError(f"cannot prune {k} triplets out of {flat.shape[0]}")
-    return xp.sort(flat)[k - 1]
+    n = flat.shape[0]
+    if isinstance(k, numbers.Integral):
+        if k <= 0:
+            return None
+        if k > n:
+            raise ValueError(f"cannot prune {k} triplets out of {n}")
+        return xp.sort(flat)[int(k) - 1]
+    at = xp.reshape(xp.clip(k - 1, 0, n - 1), (1,))
+    value = xp.reshape(xp.take(xp.sort(flat), at, axis=0), ())
+    return xp.where(k > 0, value, xp.asarray(-math.inf, dtype=flat.dtype, device=device(flat)))
 
 
 def keep_mask(score: Array, threshold: Array | None) -> Array:
@@ -90,6 +109,299 @@ def apply_mask(E: Array, keep: Array) -> Array:
     return xp.where(xp.reshape(keep, (-1, 1)), E, xp.zeros_like(E))
 
 
+def scheduled_budget(config: AdaLoraConfig, init_bgt: int, target_bgt: int, step: int) -> tuple[int, bool]:
+    """``(budget, mask_now)`` at ``step`` under ``config``'s schedule."""
+    c = config
+    assert c.total_step is not None
+    return budget_schedule(step, init_bgt=init_bgt, target_bgt=target_bgt, tinit=c.tinit, tfinal=c.tfinal,
+                           total_step=c.total_step, deltaT=c.deltaT)
+
+
+# --------------------------------------------------------------- the pure step
+
+
+class StepState(NamedTuple):
+    """The allocator's per-step state. A NamedTuple, so JAX takes it as a pytree as it is.
+
+    ``m``, ``u``: the sensitivity and uncertainty EMAs, flat in layout order
+    (None before the first update, and on the eager path once finalized);
+    ``keep``: the last mask of every triplet, flat bool (None before any
+    mask); ``measured``: whether any update was applied (until then a mask
+    step prunes nothing); ``skips``: non-finite steps not yet counted;
+    ``finalized``: the final allocation is done; ``budget``: the current
+    budget. The flags are Python values on the eager path and arrays once a
+    step computed them on the device.
+    """
+
+    m: Array | None
+    u: Array | None
+    keep: Array | None
+    measured: Any
+    skips: Any
+    finalized: Any
+    budget: Any
+
+
+@dataclass(frozen=True, eq=False)
+class StepConfig:
+    """What a step reads besides its state and inputs: fixed for a run, hashed by identity.
+
+    Build it once (:func:`step_config`) and close over it, or pass it as a
+    static argument: under ``jax.jit`` it is part of the compiled function.
+    ``ema_update`` and ``concat`` are the backend's versions of
+    :func:`ema_update` and :func:`~adalora_core.layout.flat_concat`.
+    """
+
+    config: AdaLoraConfig
+    layout: Layout
+    init_bgt: int
+    target_bgt: int
+    reduce: Callable[[Array], Array] | None
+    ema_update: Callable[..., tuple[list[Array], list[Array]]]
+    concat: Callable[[list[Array]], Array]
+
+    def budget_at(self, step: int) -> tuple[int, bool]:
+        return scheduled_budget(self.config, self.init_bgt, self.target_bgt, step)
+
+    @cached_property
+    def plan_table(self) -> list[int]:
+        """``2 * budget + mask_now`` at every step up to ``total_step``: the schedule, exactly, for traced steps.
+
+        The cubic schedule is defined in float64 with truncation; a table
+        computed here is exact on every library, where recomputing it in a
+        traced float32 could move a budget by one.
+        """
+        assert self.config.total_step is not None
+        return [2 * b + int(m) for b, m in map(self.budget_at, range(self.config.total_step + 1))]
+
+
+def step_config(config: AdaLoraConfig, params: Mapping[str, Any], *, parts: Mapping[str, Part] | None = None,
+                reduce: Callable[[Array], Array] | None = None, backend: Any = None) -> StepConfig:
+    """The :class:`StepConfig` of a run over ``params`` (module -> ``(A, E, B)`` at their initial ranks).
+
+    ``parts`` and ``reduce`` as in :class:`RankAllocator`; ``backend``: the
+    one whose fused ops to use (default: the arrays' own).
+    """
+    from adalora_core.backends import resolve
+
+    if not params:
+        raise ValueError("step_config needs at least one module")
+    trips = {n: _triplet(t, f"params[{n!r}]", parts_may_be_none=False) for n, t in params.items()}
+    layout = Layout.of(trips, parts)
+    be = resolve(backend, next(iter(trips.values())).A)
+    return StepConfig(config, layout, layout.total_rank, config.target_r * len(trips), reduce,
+                      be.op("ema_update", ema_update), be.op("flat_concat", flat_concat))
+
+
+def init_state(config: StepConfig, like: Array) -> StepState:
+    """A fresh state of arrays only, on ``like``'s device and in its dtype.
+
+    Every field is an array from the start (EMAs of zeros, every triplet
+    kept, flags false), so the state keeps one structure from step to step:
+    what ``jax.jit`` needs to compile the step once. Equivalent to the
+    eager start (the EMAs start at zero; nothing is pruned before an update).
+    """
+    xp, dev = namespace(like), device(like)
+    m = xp.zeros((config.layout.numel,), dtype=like.dtype, device=dev)
+    return StepState(m, xp.zeros_like(m), xp.ones((config.layout.total_rank,), dtype=xp.bool, device=dev),
+                     xp.asarray(False, device=dev), xp.asarray(0, dtype=xp.int32, device=dev),
+                     xp.asarray(False, device=dev), xp.asarray(config.init_bgt, dtype=xp.int32, device=dev))
+
+
+def allocator_step(state: StepState, params: Mapping[str, Any], grads: Mapping[str, Any], step: int | Array,
+                   config: StepConfig) -> tuple[StepState, dict[str, Array]]:
+    """One allocator step as a pure function: the new state and every module's new ``E``.
+
+    The arithmetic of :meth:`RankAllocator.update_and_allocate` (which runs
+    this same code), without its host-side work: step order, finiteness
+    warnings and missing-gradient counts are the wrapper's. ``params`` and
+    ``grads`` map each module to ``(A, E, B)``; a gradient entry or part may
+    be None (not updated). ``step`` is either
+
+    * a Python int: the schedule is evaluated here and only the work that
+      step needs runs (a jitted function recompiles for each value);
+    * an integer array, e.g. traced under ``jax.jit``: every branch is
+      computed and the right one selected with ``where``; the schedule is
+      read from :attr:`StepConfig.plan_table`. Nothing is read back to the
+      host; a non-finite step is skipped and counted in ``state.skips``.
+
+    Arguments are checked against ``config``'s layout (at trace time under jit).
+    """
+    ps, gs = _step_inputs(params, grads, config.layout)
+    state, apply = _advance(state, ps, gs, step, config)
+    return state, _masked_E(state.keep, apply, ps, config.layout)
+
+
+def rank_pattern(state: StepState, config: StepConfig) -> dict[str, list[bool]]:
+    """``{"<module>.lora_E": [kept?] * r}`` (PEFT's format) of ``state``: reads the device once (not under jit)."""
+    layout = config.layout
+    keep = _split_host(_host_list(state.keep) if state.keep is not None else [True] * layout.total_rank, layout)
+    return {f"{n}.lora_E": keep[n] for n in layout.names}
+
+
+def current_ranks(state: StepState, config: StepConfig) -> dict[str, int]:
+    """Triplets kept per module by ``state``'s mask (every triplet before any mask); reads the device once."""
+    return {name[: -len(".lora_E")]: sum(k) for name, k in rank_pattern(state, config).items()}
+
+
+class _Plan(NamedTuple):
+    update: Any  # update the EMAs
+    mask: Any  # compute a new mask, to ``budget``
+    final: Any  # this is the final allocation
+    apply: Any  # ``E`` is masked this step
+    budget: Any
+
+
+def _plan(step: int | Array, state: StepState, sc: StepConfig) -> _Plan:
+    """What ``step`` does: Python bools from a Python step (so only the work needed runs), arrays from an array."""
+    c = sc.config
+    before: Any
+    if isinstance(step, numbers.Integral):
+        before = int(step) < c.final_step
+        budget, mask = sc.budget_at(int(step)) if before else (sc.target_bgt, True)
+    else:
+        xp, dev = namespace(step), device(step)
+        table = xp.asarray(sc.plan_table, dtype=xp.int32, device=dev)
+        entry = xp.reshape(xp.take(table, xp.reshape(xp.clip(step, 0, c.total_step), (1,)), axis=0), ())
+        before = step < c.final_step
+        budget = xp.where(before, entry // 2, xp.asarray(sc.target_bgt, dtype=entry.dtype, device=dev))
+        mask = xp.logical_or(xp.logical_not(before), entry % 2 == 1)
+    live = _not(state.finalized)
+    new = _and(mask, live)
+    return _Plan(_and(before, live), new, _and(_not(before), live), _or(new, state.finalized),
+                 _where(state.finalized, state.budget, budget))
+
+
+def _advance(state: StepState, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None],
+             step: int | Array, sc: StepConfig) -> tuple[StepState, Any]:
+    """The next state and whether ``E`` is masked this step (a Python bool on the eager path)."""
+    p = _plan(step, state, sc)
+    m, u, measured, skips = state.m, state.u, state.measured, state.skips
+    if p.update is not False:
+        m, u, measured, skips = _update_importance(state, params, grads, sc, p.update)
+    keep = state.keep
+    if p.mask is not False:
+        keep = _remask(m, u, keep, measured, sc, p.budget, p.mask)
+    if p.final is True:  # the eager path drops the EMAs; a traced one keeps its structure, no longer updated
+        m = u = None
+    return StepState(m, u, keep, measured, skips, _or(state.finalized, p.final), p.budget), p.apply
+
+
+def _update_importance(state: StepState, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None],
+                       sc: StepConfig, when: Any) -> tuple[Array, Array, Any, Any]:
+    """One EMA step over the flat buffers, applied where ``when`` and every value is finite: no wait for the device."""
+    layout = sc.layout
+    present = {n: [gp is not None for gp in grads.get(n) or (None, None, None)] for n in layout.names}
+    if not any(any(v) for v in present.values()):
+        return state.m, state.u, state.measured, state.skips
+    xp = namespace(params[layout.names[0]].A)
+    filled = {n: Triplet(*(gp if gp is not None else xp.zeros_like(p)
+                           for p, gp in zip(params[n], grads.get(n) or (None, None, None))))
+              for n in layout.names}
+    ipt = importance(layout.pack(params, sc.concat), layout.pack(filled, sc.concat))
+    finite = xp.all(xp.isfinite(ipt))
+    m0, u0 = (state.m, state.u) if state.m is not None else (xp.zeros_like(ipt), xp.zeros_like(ipt))
+    (m,), (u,) = sc.ema_update([m0], [u0], [ipt], sc.config.beta1, sc.config.beta2)
+    ok = finite
+    if not all(all(v) for v in present.values()):
+        ok = xp.logical_and(finite, layout.segment_mask(present, xp, ipt))
+    ok = _and(ok, when)
+    measured = xp.logical_or(xp.asarray(state.measured, device=device(ipt)), _and(finite, when))
+    skips = state.skips + xp.astype(_and(xp.logical_not(finite), when), xp.int32)
+    return xp.where(ok, m, m0), xp.where(ok, u, u0), measured, skips
+
+
+def _score(m: Array | None, u: Array | None, layout: Layout, reduce: Callable[[Array], Array] | None
+           ) -> Array | None:
+    """Every triplet's score in layout order, agreed across processes by ``reduce``."""
+    if m is None or u is None:
+        return None
+    parts = layout.score_parts(m * u)
+    if reduce is not None:
+        parts = reduce(parts)
+    return parts[0, ...] + (parts[1, ...] + parts[2, ...])
+
+
+def _remask(m: Array | None, u: Array | None, keep: Array | None, measured: Any, sc: StepConfig, budget: Any,
+            when: Any) -> Array | None:
+    """The mask to ``budget`` where ``when`` and some update was applied, else ``keep`` as it was."""
+    score = _score(m, u, sc.layout, sc.reduce)
+    if score is None:  # no importance update yet: nothing to rank by, so prune nothing
+        return keep
+    xp = namespace(score)
+    new = keep_mask(score, kth_threshold([score], sc.init_bgt - budget))
+    old = keep if keep is not None else xp.ones(new.shape, dtype=xp.bool, device=device(new))
+    return xp.where(xp.asarray(_and(when, measured), device=device(new)), new, old)
+
+
+def _masked_E(keep: Array | None, apply: Any, params: Mapping[str, Triplet], layout: Layout) -> dict[str, Array]:
+    """Every module's ``E``, masked by ``keep`` where ``apply``."""
+    if keep is None or apply is False:
+        return {n: params[n][1] for n in layout.names}
+    xp = namespace(keep)
+    if apply is not True:
+        keep = xp.logical_or(keep, xp.logical_not(apply))
+    column = xp.reshape(keep, (-1, 1))
+    return {n: apply_mask(params[n][1], column[slice(*layout.local_slices[n]), ...]) for n in layout.names}
+
+
+def _step_inputs(params: Mapping[str, Any], grads: Mapping[str, Any], layout: Layout
+                 ) -> tuple[dict[str, Triplet], dict[str, Triplet | None]]:
+    """``params`` and ``grads`` as Triplets, checked against the layout's modules and shapes."""
+    if set(params) != set(layout.names) or not set(grads) <= set(layout.names):
+        raise ValueError(f"params must name exactly the modules {list(layout.names)} and grads only those; "
+                         f"got params {sorted(params)}, grads {sorted(grads)}")
+    ps = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in layout.names}
+    gs = {n: None if grads.get(n) is None else _triplet(grads[n], f"grads[{n!r}]") for n in layout.names}
+    for n in layout.names:
+        got = tuple(tuple(t.shape) for t in ps[n])
+        if got != layout.shapes[n]:
+            raise ValueError(f"params[{n!r}] has shapes (A, E, B) {got}, the step config {layout.shapes[n]}")
+        for part, t, g in zip(PARTS, ps[n], gs[n] or ()):
+            if g is not None and tuple(g.shape) != tuple(t.shape):
+                raise ValueError(f"grads[{n!r}].{part} has shape {tuple(g.shape)}, expected {tuple(t.shape)}")
+    return ps, gs
+
+
+def _and(a: Any, b: Any) -> Any:
+    """``a and b`` of Python bools or bool arrays; a Python bool issues no array op."""
+    if isinstance(a, bool):
+        return b if a else False
+    if isinstance(b, bool):
+        return a if b else False
+    return namespace(a, b).logical_and(a, b)
+
+
+def _or(a: Any, b: Any) -> Any:
+    if isinstance(a, bool):
+        return True if a else b
+    if isinstance(b, bool):
+        return True if b else a
+    return namespace(a, b).logical_or(a, b)
+
+
+def _not(a: Any) -> Any:
+    return (not a) if isinstance(a, bool) else namespace(a).logical_not(a)
+
+
+def _where(cond: Any, a: Any, b: Any) -> Any:
+    if isinstance(cond, bool):
+        return a if cond else b
+    xp, dev = namespace(cond), device(cond)
+    dtype = next((t.dtype for t in (a, b) if hasattr(t, "dtype")), None)  # a Python int takes the array's
+    return xp.where(cond, xp.asarray(a, dtype=dtype, device=dev), xp.asarray(b, dtype=dtype, device=dev))
+
+
+def _split_host(keep: list[bool], layout: Layout) -> dict[str, list[bool]]:
+    """A host list over every triplet (layout order) as per-module lists over each module's full rank."""
+    out, i = {}, 0
+    for g in layout.groups:
+        for n in g.names:
+            out[n] = keep[i:i + g.part.rank]
+            i += g.part.rank
+    return out
+
+
 class RankAllocator:
     """Importance-driven rank allocation over a fixed, ordered set of modules.
 
@@ -100,9 +412,13 @@ class RankAllocator:
     Call :meth:`update_and_allocate` once per optimizer step, after
     ``optimizer.step()``, with the weights and their gradients.
 
-    The EMAs live in two flat buffers (see :mod:`adalora_core.layout`), so a
-    step costs a fixed number of array ops whatever the number of modules,
-    and never waits for the device.
+    A stateful wrapper over :func:`allocator_step`: it holds the
+    :class:`StepState`, checks every input, step order and the weights'
+    devices and dtypes, warns about non-finite steps and missing gradients
+    and counts them, and saves and loads the state. The EMAs live in two flat
+    buffers (see :mod:`adalora_core.layout`), so a step costs a fixed number
+    of array ops whatever the number of modules, and never waits for the
+    device.
 
     Across processes: ``reduce`` (given the ``(3, total_rank)`` per-triplet
     score parts on mask steps, returns them agreed across processes, e.g. an
@@ -124,8 +440,7 @@ class RankAllocator:
         self.init_bgt = sum(self.ranks.values())
         self.target_bgt = config.target_r * len(self.ranks)
         self._backend = backend
-        self._ema_update: Any = None  # resolved from the backend of the first step's arrays
-        self._concat: Any = None
+        self._ops: tuple[Any, Any] | None = None  # (ema_update, flat_concat), from the first step's backend
         self.reduce: Callable[[Array], Array] | None = None
         self.parts: dict[str, Part] | None = None
         self.reset()
@@ -152,13 +467,11 @@ class RankAllocator:
         if state.masks and layout is not None:
             keep = layout.join_scores(state.masks)
         self._layout = layout
-        self._m, self._u, self._keep = m, u, keep
-        # device flags, so a step never waits for the device: has any update been applied; skips not yet counted
-        self._measured: Any = bool(state.ema_ipt) or bool(state.masks)
-        self._pending_skips: Any = 0
-        self.finalized = state.finalized
+        self._sc: StepConfig | None = None
+        # flags as Python values until a step computes them on the device, so a step never waits for it
+        self._state = StepState(m, u, keep, bool(state.ema_ipt) or bool(state.masks), 0, state.finalized,
+                                state.budget)
         self.last_step: int | None = state.last_step
-        self.budget = state.budget
         self._skipped = state.skipped_steps
         self.missing_grads: Counter[str] = state.missing_grads
         # module -> (in, out) of the weights this process holds: learned from the first step (or a state)
@@ -179,14 +492,24 @@ class RankAllocator:
         return list(self.ranks)
 
     @property
+    def finalized(self) -> bool:
+        """Whether the final allocation is done (the pattern is then fixed and the EMAs dropped)."""
+        return bool(self._state.finalized)
+
+    @property
+    def budget(self) -> int:
+        """The budget of the last step (``init_bgt`` before the first)."""
+        return int(self._state.budget)
+
+    @property
     def ema_ipt(self) -> dict[str, Triplet] | None:
         """Per-module views of the sensitivity EMA; None once finalized, empty before the first update."""
-        return self._views(self._m)
+        return self._views(self._state.m)
 
     @property
     def ema_unc(self) -> dict[str, Triplet] | None:
         """Per-module views of the uncertainty EMA (as :attr:`ema_ipt`)."""
-        return self._views(self._u)
+        return self._views(self._state.u)
 
     def _views(self, flat: Array | None) -> dict[str, Triplet] | None:
         if self.finalized:
@@ -198,22 +521,18 @@ class RankAllocator:
     @property
     def masks(self) -> dict[str, Array]:
         """``{module: keep}`` of the last mask, over each module's full rank; empty before any mask."""
-        if self._keep is None or self._layout is None or not self._host_measured():
+        keep = self._state.keep
+        if keep is None or self._layout is None or not self._host_measured():
             return {}
-        return self._layout.split_scores(self._keep)
+        return self._layout.split_scores(keep)
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
         """``{"<module>.lora_E": [kept?] * r}`` of the last mask (PEFT's format); reads the device once."""
         if not self.masks:
             return {}
-        assert self._layout is not None and self._keep is not None
-        keep = _host_list(self._keep)
-        out, i = {}, 0
-        for g in self._layout.groups:
-            for n in g.names:
-                out[n] = keep[i:i + g.part.rank]
-                i += g.part.rank
+        assert self._layout is not None and self._state.keep is not None
+        out = _split_host(_host_list(self._state.keep), self._layout)
         return {f"{n}.lora_E": out[n] for n in self.names}
 
     def current_ranks(self) -> dict[str, int]:
@@ -224,24 +543,23 @@ class RankAllocator:
     @property
     def skipped_steps(self) -> int:
         """Steps whose importance update was skipped for non-finite values (reads the device once)."""
-        if not isinstance(self._pending_skips, int):
-            pending = int(self._pending_skips)
-            self._pending_skips = 0
-            if pending:
+        pending = self._state.skips
+        if not isinstance(pending, int):  # counted on the device: read it once, then count here
+            read = int(pending)
+            self._state = self._state._replace(skips=0)
+            if read:
                 self._warn_nonfinite()
-            self._skipped += pending
-        return self._skipped + self._pending_skips
+            self._skipped += read
+            pending = 0
+        return self._skipped + pending
 
     def _host_measured(self) -> bool:
-        if not isinstance(self._measured, bool):
-            self._measured = bool(self._measured)
-        return self._measured
+        if not isinstance(self._state.measured, bool):
+            self._state = self._state._replace(measured=bool(self._state.measured))
+        return self._state.measured
 
     def budget_at(self, step: int) -> tuple[int, bool]:
-        c = self.config
-        assert c.total_step is not None
-        return budget_schedule(step, init_bgt=self.init_bgt, target_bgt=self.target_bgt, tinit=c.tinit,
-                               tfinal=c.tfinal, total_step=c.total_step, deltaT=c.deltaT)
+        return scheduled_budget(self.config, self.init_bgt, self.target_bgt, step)
 
     # ------------------------------------------------------------------- step
 
@@ -265,10 +583,9 @@ class RankAllocator:
         since the EMAs keep the weights' dtype and a silent cast would hide a
         mixed-precision bug. All inputs are checked before any state changes.
         """
-        keep = self.advance(step, params, grads)
-        if keep is None:
-            return {n: params[n][1] for n in self.names}
-        return {n: apply_mask(params[n][1], keep[n]) for n in self.names}
+        ps, apply = self._step(step, params, grads or {})
+        assert self._layout is not None
+        return _masked_E(self._state.keep, apply, ps, self._layout)
 
     def advance(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any] | None = None, *,
                 mask_dtype: Any = None) -> dict[str, Array] | None:
@@ -282,33 +599,36 @@ class RankAllocator:
         and reported when :attr:`skipped_steps` is read (at once where the
         arrays live in host memory).
         """
-        ps, gs = self._check(step, params, grads or {})
-        if self._ema_update is None:
-            from adalora_core.backends import resolve
+        _, apply = self._step(step, params, grads or {})
+        return self._local_keeps(mask_dtype) if apply else None
 
-            backend = resolve(self._backend, ps[self.names[0]].A)
-            self._ema_update = backend.op("ema_update", ema_update)
-            self._concat = backend.op("flat_concat", flat_concat)
-        if not self.shapes:
-            self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in ps.items()}
-        if self._layout is None:
-            self._layout = self._layout_for(self.shapes)
+    def _step(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
+              ) -> tuple[dict[str, Triplet], bool]:
+        """Check everything, count missing gradients, run :func:`_advance`: the weights and whether to mask ``E``."""
+        ps, gs = self._check(step, params, grads)
+        sc = self._step_config(ps)
         self.last_step = step
-        if self.finalized:
-            return self._local_keeps(mask_dtype)
-        if step < self.config.final_step:
-            self._update_importance(ps, gs)
-            budget, mask_now = self.budget_at(step)
-            self.budget = budget
-            if not mask_now:
-                return None
-            self._mask_to_budget(budget)
-            return self._local_keeps(mask_dtype)
-        self._mask_to_budget(self.target_bgt)
-        self.budget = self.target_bgt
-        self.finalized = True
-        self._m = self._u = None
-        return self._local_keeps(mask_dtype)
+        if not self.finalized and step < self.config.final_step:
+            self._count_missing(gs)
+        self._state, apply = _advance(self._state, ps, gs, step, sc)
+        if not isinstance(self._state.skips, int) and on_host(ps[self.names[0]].A):
+            self.skipped_steps  # noqa: B018 (reading it counts the skip and warns now, at no cost on the host)
+        return ps, apply
+
+    def _step_config(self, params: Mapping[str, Triplet]) -> StepConfig:
+        """The :class:`StepConfig` of the current layout and distribution (built on the first step after a change)."""
+        if self._sc is None:
+            if self._ops is None:
+                from adalora_core.backends import resolve
+
+                backend = resolve(self._backend, params[self.names[0]].A)
+                self._ops = (backend.op("ema_update", ema_update), backend.op("flat_concat", flat_concat))
+            if not self.shapes:
+                self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in params.items()}
+            if self._layout is None:
+                self._layout = self._layout_for(self.shapes)
+            self._sc = StepConfig(self.config, self._layout, self.init_bgt, self.target_bgt, self.reduce, *self._ops)
+        return self._sc
 
     def _check(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
                ) -> tuple[dict[str, Triplet], dict[str, Triplet | None]]:
@@ -355,9 +675,10 @@ class RankAllocator:
             rows = f" holding rows {part.rows}" if part else ""
             raise ValueError(f"module {name!r}: expected rank {r}{rows}{known} (A (r, in), E (r, 1), B (out, r)); "
                              f"got A {tuple(A.shape)}, E {tuple(E.shape)}, B {tuple(B.shape)}")
-        if self._m is not None and A.dtype != self._m.dtype:
+        m = self._state.m
+        if m is not None and A.dtype != m.dtype:
             raise ValueError(f"module {name!r}: weights of dtype {A.dtype}, but the importance EMAs are "
-                             f"{self._m.dtype}; the allocator's state is for weights of another dtype")
+                             f"{m.dtype}; the allocator's state is for weights of another dtype")
         for part_name, t, gt in zip(PARTS, p, g or ()):
             if gt is None:
                 continue
@@ -368,74 +689,35 @@ class RankAllocator:
                 raise ValueError(f"module {name!r}: grad of {part_name} has dtype {gt.dtype}, its weight "
                                  f"{t.dtype}; cast the gradients to the weights' dtype")
 
-    def _update_importance(self, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None]) -> None:
-        """One EMA step over the flat buffers: a handful of whole-buffer ops, no wait for the device."""
-        assert self._layout is not None
-        present = {}
+    def _count_missing(self, grads: Mapping[str, Triplet | None]) -> None:
+        """Count and warn (once per module) where a gradient is None: PEFT skips just those tensors."""
         for name in self.names:
-            g = grads.get(name) or (None, None, None)
-            present[name] = [gp is not None for gp in g]
-            missing = [part for part, here in zip(PARTS, present[name]) if not here]
-            if missing:  # PEFT reads p.grad per parameter: skip just those tensors
+            missing = [part for part, gp in zip(PARTS, grads.get(name) or (None, None, None)) if gp is None]
+            if missing:
                 self.missing_grads[name] += 1
                 self._warn_once(f"missing:{name}", f"module {name!r} has no gradient for {missing}; their "
                                 "importance is not updated (frozen or unused?)")
-        if not any(any(v) for v in present.values()):
-            return
-        xp = namespace(params[self.names[0]].A)
-        filled = {n: Triplet(*(gp if gp is not None else xp.zeros_like(p)
-                               for p, gp in zip(params[n], grads.get(n) or (None, None, None))))
-                  for n in self.names}
-        ipt = importance(self._layout.pack(params, self._concat), self._layout.pack(filled, self._concat))
-        finite = xp.all(xp.isfinite(ipt))
-        if self._m is None:  # EMAs start at zero for every module, updated or not
-            self._m, self._u = xp.zeros_like(ipt), xp.zeros_like(ipt)
-        (m,), (u,) = self._ema_update([self._m], [self._u], [ipt], self.config.beta1, self.config.beta2)
-        ok = finite
-        if not all(all(v) for v in present.values()):
-            ok = xp.logical_and(finite, self._layout.segment_mask(present, xp, ipt))
-        self._m, self._u = xp.where(ok, m, self._m), xp.where(ok, u, self._u)
-        self._measured = xp.logical_or(xp.asarray(self._measured, device=device(ipt)), finite)
-        self._pending_skips = self._pending_skips + xp.astype(xp.logical_not(finite), xp.int32)
-        if on_host(ipt):
-            self.skipped_steps  # noqa: B018 (reading it counts the skip and warns now, at no cost on the host)
 
     def scores(self) -> dict[str, Array]:
         """Current triplet score per module; empty before the first importance update."""
-        score = self._score()
-        return {} if score is None or self._layout is None else self._layout.split_scores(score)
-
-    def _score(self) -> Array | None:
-        """Every triplet's score in layout order, agreed across processes by ``reduce``."""
-        if self._m is None or self._u is None or self._layout is None:
-            return None
-        parts = self._layout.score_parts(self._m * self._u)
-        if self.reduce is not None:
-            parts = self.reduce(parts)
-        return parts[0, ...] + (parts[1, ...] + parts[2, ...])
-
-    def _mask_to_budget(self, budget: int) -> None:
-        score = self._score()
-        if score is None:  # no importance update applied yet: nothing to rank by, so prune nothing
-            return
-        xp = namespace(score)
-        new = keep_mask(score, kth_threshold([score], self.init_bgt - budget))
-        old = self._keep if self._keep is not None else xp.ones(new.shape, dtype=xp.bool, device=device(new))
-        # a mask step before any update was applied (every step skipped so far) keeps what it had
-        self._keep = xp.where(xp.asarray(self._measured, device=device(new)), new, old)
+        if self._layout is None:
+            return {}
+        score = _score(self._state.m, self._state.u, self._layout, self.reduce)
+        return {} if score is None else self._layout.split_scores(score)
 
     def _local_keeps(self, dtype: Any = None) -> dict[str, Array] | None:
         """The last mask per module, over the rows of ``E`` held here, shaped as ``E``; None before any mask."""
-        if self._keep is None or self._layout is None:
+        keep = self._state.keep
+        if keep is None or self._layout is None:
             return None
-        xp = namespace(self._keep)
-        keep = self._keep if dtype is None else xp.astype(self._keep, dtype)  # one op for every module
+        xp = namespace(keep)
+        keep = keep if dtype is None else xp.astype(keep, dtype)  # one op for every module
         column = xp.reshape(keep, (-1, 1))
         return {n: column[lo:hi, ...] for n, (lo, hi) in self._layout.local_slices.items()}
 
     def keep_flat(self) -> Array | None:
         """The last mask of every triplet as one flat bool array (layout order); None before any mask."""
-        return self._keep
+        return self._state.keep
 
     def set_distribution(self, *, reduce: Callable[[Array], Array] | None, parts: Mapping[str, Part] | None) -> None:
         """Set :attr:`reduce` and :attr:`parts` (see the class docstring) before the first step or load."""
@@ -444,11 +726,12 @@ class RankAllocator:
             if name not in self.ranks or part.rank != self.ranks[name]:
                 raise ValueError(f"parts[{name!r}]={part} does not match the module's rank {self.ranks.get(name)}")
         if parts != self.parts:
-            if self._m is not None or self._keep is not None:
+            if self._state.m is not None or self._state.keep is not None:
                 raise ValueError("the allocator already holds EMAs or masks for another split of the weights; "
                                  "set the distribution before the first step or load")
             self.shapes, self._layout = {}, None  # learned again from the next step's (local) weights
         self.reduce, self.parts = reduce, parts
+        self._sc = None  # rebuilt with these on the next step
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

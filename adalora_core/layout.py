@@ -76,6 +76,7 @@ class Layout:
                                  f"of rank {part.rank}")
             keyed.setdefault((a[0], a[1], b[0], part), []).append(name)
         self.names = tuple(shapes)
+        self.shapes = {n: tuple(tuple(s) for s in v) for n, v in shapes.items()}  # module -> (A, E, B) local shapes
         self.groups = tuple(Group(tuple(ns), r, i, o, p) for (r, i, o, p), ns in keyed.items())
         self.sharded = any(g.part.local_rank != g.part.rank or g.out_local != g.part.out_total
                            for g in self.groups)

@@ -62,7 +62,8 @@ class Adam:
                 g = g + self.weight_decay * p
             m = self.beta1 * m + (1 - self.beta1) * g
             v = self.beta2 * v + (1 - self.beta2) * (g * g)
-            denom = xp.sqrt(v) / math.sqrt(bc2) + self.eps
+            # a step count traced under jit is an array: its correction too (a float keeps torch's rounding)
+            denom = xp.sqrt(v) / (math.sqrt(bc2) if isinstance(bc2, float) else xp.sqrt(bc2)) + self.eps
             new_p[k] = p - (self.lr / bc1) * (m / denom)
             new_s[f"m.{k}"], new_s[f"v.{k}"] = m, v
         return new_p, new_s

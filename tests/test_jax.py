@@ -7,6 +7,7 @@ here; the whole conformance suite runs on jax in float32 and, with
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 
 import numpy as np
@@ -160,3 +161,101 @@ def test_demo_cli_on_jax(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--backend", "jax", "--steps", "10"]) == 0
     out = capsys.readouterr().out
     assert "backend jax" in out and "final" in out and "Spearman" in out
+
+
+# ---------------------------------------------------------------------------
+# the pure allocator step, Adam and the training example under jax.jit
+# ---------------------------------------------------------------------------
+
+
+def _triplets(seed: int, shapes: dict[str, tuple[int, int]], scale: float = 1.0) -> dict[str, triplet.Triplet]:
+    rng = np.random.default_rng(seed)
+    return {n: triplet.Triplet(*(rng.normal(size=s).astype(np.float32) * scale for s in ((4, i), (4, 1), (o, 4))))
+            for n, (i, o) in shapes.items()}
+
+
+def test_allocator_step_under_jit_compiles_once_and_matches_the_wrapper() -> None:
+    """The step is traced once (a host read of a traced value would fail the trace) and gives the wrapper's masks."""
+    from adalora_core import AdaLoraConfig, RankAllocator
+    from adalora_core.allocator import allocator_step, current_ranks, init_state, step_config
+
+    cfg = AdaLoraConfig(total_step=30, init_r=4, target_r=2, tinit=4, tfinal=7, deltaT=3)
+    shapes = {"a": (6, 5), "b": (3, 7), "c": (6, 5)}
+    on_jax = lambda ts: jax.tree.map(jnp.asarray, ts)
+    alloc = RankAllocator(cfg, {n: 4 for n in shapes})
+    params = _triplets(0, shapes)
+    sc = step_config(cfg, on_jax(params))
+    state = jax.device_put(init_state(sc, jnp.asarray(params["a"].A)), jax.devices()[0])
+    step_fn = jax.jit(lambda st, p, g, s: allocator_step(st, p, g, s, sc))
+    for step in range(31):
+        grads = _triplets(100 + step, shapes, 0.1)
+        if step == 8:  # non-finite: skipped and counted on the device
+            grads["b"] = grads["b"]._replace(A=grads["b"].A * np.nan)
+        with pytest.warns(Warning) if step == 8 else contextlib.nullcontext():
+            want = alloc.update_and_allocate(step, params, grads)
+        state, got = step_fn(state, on_jax(params), on_jax(grads), jnp.asarray(step))
+        assert current_ranks(state, sc) == alloc.current_ranks() and int(state.budget) == alloc.budget, step
+        for n in shapes:  # E is passed through or zeroed, so equal masks give equal bits
+            np.testing.assert_array_equal(np.asarray(got[n]), want[n])
+        params = {n: p._replace(E=want[n] + 0.05) for n, p in params.items()}
+    assert alloc.finalized and bool(state.finalized) and int(state.skips) == 1 == alloc.skipped_steps
+    assert step_fn._cache_size() == 1
+
+
+def test_adam_runs_under_jit_with_a_traced_step_count() -> None:
+    from adalora_core import Adam
+
+    opt = Adam(lr=0.1, weight_decay=0.01)
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), dtype=jnp.float32)}
+    grads = [{"w": jnp.asarray(np.random.default_rng(s).normal(size=(3, 4)), dtype=jnp.float32)} for s in range(1, 4)]
+    eager, state = params, opt.init(params)
+    jitted, jstate = params, opt.init(params)
+    step = jax.jit(opt.step)
+    for g in grads:
+        eager, state = opt.step(eager, g, state)
+        jitted, jstate = step(jitted, g, jstate)
+    np.testing.assert_allclose(np.asarray(jitted["w"]), np.asarray(eager["w"]), rtol=1e-5, atol=1e-6)
+    assert int(jstate["step"]["w"]) == state["step"]["w"] == 3
+
+
+def test_train_jax_example_recovers_the_planted_ranks_in_one_compilation() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_jax.py"
+    spec = importlib.util.spec_from_file_location("train_jax", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    lines: list[str] = []
+    res = example.run(log=lines.append)
+    assert res["spearman"] >= 0.8, (res["planted"], res["final"])
+    assert sum(res["final"]) == 4 * len(res["planted"])  # the target budget
+    assert res["loss_end"] < res["loss_start"] / 10 and res["skipped_steps"] == 0
+    assert res["compilations"] == 1
+    assert any("ranks [8, 8, 8, 8, 8, 8, 8, 8]" in line for line in lines) and "found ranks" in lines[-2]
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_reduce_makes_replicas_with_different_gradients_compute_one_mask(agree: bool) -> None:
+    """Two replicas as a vmapped axis: a ``psum`` over it as ``reduce`` gives both the same mask; none, not."""
+    from adalora_core import AdaLoraConfig
+    from adalora_core.allocator import allocator_step, init_state, step_config
+
+    cfg = AdaLoraConfig(total_step=20, init_r=4, target_r=2, tinit=2, tfinal=5, deltaT=2)
+    shapes = {"a": (6, 5), "b": (3, 7)}
+    params = jax.tree.map(jnp.asarray, _triplets(0, shapes))
+    reduce = (lambda parts: jax.lax.psum(parts, "replica") / 2) if agree else None
+    sc = step_config(cfg, params, reduce=reduce)
+    both = lambda t: jax.tree.map(lambda a: jnp.stack([a, a]), t)
+    state, params2 = both(init_state(sc, params["a"].A)), both(params)
+    step_fn = jax.jit(jax.vmap(lambda st, p, g, s: allocator_step(st, p, g, s, sc), in_axes=(0, 0, 0, None),
+                               axis_name="replica"))
+    differ = False
+    for step in range(cfg.total_step):
+        grads = jax.tree.map(lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)]),
+                             _triplets(100 + step, shapes, 0.1), _triplets(200 + step, shapes, 0.1))
+        state, _ = step_fn(state, params2, grads, jnp.asarray(step))
+        differ |= not np.array_equal(np.asarray(state.keep[0]), np.asarray(state.keep[1]))
+    assert differ != agree
+    assert not bool(np.asarray(state.keep).all())  # it pruned
