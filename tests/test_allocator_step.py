@@ -10,12 +10,7 @@ must give the same bits on every backend.
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,20 +160,3 @@ def test_the_wrapper_and_the_pure_step_share_one_state_type():
     for got, want in zip(state, alloc._state):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
-DOC_BLOCKS = re.findall(r"^```python\n(.*?)^```$", DOC.read_text(), re.DOTALL | re.MULTILINE)
-
-
-def test_the_embedding_page_has_a_numpy_and_a_jax_block():
-    assert len(DOC_BLOCKS) >= 2 and any("import jax" in b for b in DOC_BLOCKS)
-
-
-@pytest.mark.parametrize("code", DOC_BLOCKS, ids=[f"block{k}" for k in range(len(DOC_BLOCKS))])
-def test_embedding_page_block_runs_as_written(code, tmp_path):
-    if "import jax" in code:
-        pytest.importorskip("jax")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=False, capture_output=True, text=True,
-                         timeout=180, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
