@@ -182,12 +182,22 @@ _dtype_support: dict[tuple[int, str], str | None] = {}
 
 
 def _dtype_scope(b: Any, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    """JAX computes in float64 only under ``jax_enable_x64``: float64 runs on jax turn it on for the run."""
-    if b.name == "jax" and dtype == "float64":
-        import jax
+    """The JAX settings under which a run means its dtype, for that run only.
 
-        return jax.enable_x64(True)
-    return contextlib.nullcontext()
+    JAX computes in float64 only under ``jax_enable_x64``, and on NVIDIA GPUs
+    its default float32 matmul rounds its inputs to TF32 (errors near 1e-3):
+    the float32 tolerances are for float32 arithmetic, so matmuls run at
+    ``"highest"`` precision here. A user's own program keeps JAX's defaults.
+    """
+    if b.name != "jax":
+        return contextlib.nullcontext()
+    import jax
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.default_matmul_precision("highest"))
+    if dtype == "float64":
+        stack.enter_context(jax.enable_x64(True))
+    return stack
 
 
 def _dtype_problem(b: Any, dtype: str) -> str | None:
