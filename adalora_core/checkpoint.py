@@ -330,13 +330,7 @@ def _read_safetensors(path: Path, check: Callable[[Header, Mapping[str, str], Pr
 
 def _check_header(problems: Problems, header: Mapping[str, tuple[tuple[int, ...], str]], expect: Spec) -> None:
     """Keys, shapes and dtypes against ``expect``, every mismatch recorded."""
-    missing = sorted(set(expect) - set(header))
-    extra = sorted(set(header) - set(expect))
-    if missing:
-        problems.add(f"missing keys {missing}")
-    if extra:
-        problems.add(f"unexpected keys {extra}")
-    for k in sorted(set(expect) & set(header)):
+    for k in problems.keys(header, expect, "keys"):
         (shape, dtype), (got_shape, got_dtype) = expect[k], header[k]
         if tuple(got_shape) != tuple(shape):
             problems.add(f"{k!r} has shape {tuple(got_shape)}, expected {tuple(shape)}")

@@ -13,7 +13,7 @@ free instead of re-deriving ``isinstance`` rules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._xp import Array, namespace
@@ -85,6 +85,15 @@ class Problems:
             return None
         return value
 
+    def keys(self, found: Iterable[str], expected: Iterable[str], what: str) -> list[str]:
+        """Record the ``expected`` keys missing from ``found`` and the ones not expected; return the rest."""
+        found, expected = set(found), set(expected)
+        if expected - found:
+            self.add(f"missing {what} {sorted(expected - found)}")
+        if found - expected:
+            self.add(f"unexpected {what} {sorted(found - expected)}")
+        return sorted(found & expected)
+
     # ---------------------------------------------------------------- arrays
 
     def array(self, name: str, a: Any, shape: tuple[int, ...] | None = None, *,
@@ -119,11 +128,5 @@ class Problems:
 def check_arrays(problems: Problems, arrays: Mapping[str, Array], expect: Mapping[str, tuple[int, ...]],
                  **kw: Any) -> None:
     """Every key of ``expect`` present with its shape, no other key; each array checked by ``kw``."""
-    missing = sorted(set(expect) - set(arrays))
-    extra = sorted(set(arrays) - set(expect))
-    if missing:
-        problems.add(f"missing arrays {missing}")
-    if extra:
-        problems.add(f"unexpected arrays {extra}")
-    for key in sorted(set(expect) & set(arrays)):
+    for key in problems.keys(arrays, expect, "arrays"):
         problems.array(key, arrays[key], expect[key], **kw)
