@@ -1,7 +1,7 @@
 """AdaLoRA with torch.distributed: DDP or FSDP2, one process per GPU (or per CPU core with gloo).
 
-    torchrun --nproc_per_node 2 examples/train_distributed.py --mode ddp
-    torchrun --nproc_per_node 2 examples/train_distributed.py --mode fsdp --resume-at 20
+    torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --mode ddp
+    torchrun --standalone --nproc_per_node 2 examples/train_distributed.py --mode fsdp --resume-at 20
 
 Each rank trains on its own data; the allocator all-reduces the triplet scores before every
 mask, so every rank keeps the same triplets. ``--resume-at N`` saves a distributed checkpoint
@@ -79,6 +79,7 @@ def main() -> None:
     model.save_pretrained(out)  # every rank calls it (shards are gathered); rank 0 writes
     if rank == 0:
         print(f"{a.mode}: loss {loss:.4f}, ranks {model.current_ranks()}, adapter in {out}")
+    dist.barrier()  # no rank tears the group down while another still writes or prints
     dist.destroy_process_group()
 
 

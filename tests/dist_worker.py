@@ -116,6 +116,7 @@ def main(rank: int, world: int, port: int, scenarios: list[str], out: str) -> No
     try:
         for scenario in scenarios:
             run(scenario, out)
+        dist.barrier()  # no rank tears the group down while another still writes
     finally:
         dist.destroy_process_group()
 
