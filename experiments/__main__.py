@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--figures", default="docs/img", metavar="DIR")
     ap.add_argument("--results", default="experiments/results", metavar="DIR")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, in processes (default 1)")
     ap.add_argument("--redraw", action="store_true", help="redraw from the recorded JSON instead of running")
     args = ap.parse_args(argv)
     plot.require()
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = json.load(f)
         else:
             setting = module.QUICK if args.quick else module.FULL
-            result = module.run(setting, [0, 1, 2], args.device)
+            result = module.run(setting, [0, 1, 2], args.device, jobs=args.jobs)
             print(module.report(result))
             write_json(path, result)
         print("figures:", ", ".join(module.figures(result, args.figures, tag)))

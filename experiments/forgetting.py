@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from adalora_core.config import EwcConfig, MicroLoraConfig
 from adalora_core.errors import AdaLoraWarning
 from adalora_core.microlora import AdaptFeedback, MicroLoRA
 
-from .common import encode, environment, load_model, sentences, stats, write_json
+from .common import encode, environment, finish, load_model, run_jobs, sentences, stats
 
 LAYER = "encoder.layer.5.attention.output.dense"
 MODULE = "o_proj"  # the adapter's name in MicroLoRA
@@ -168,17 +169,27 @@ def summarise(runs: Sequence[dict[str, Any]], plain: Sequence[dict[str, Any]]) -
     return out
 
 
-def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = print) -> dict[str, Any]:
-    """Embed the sentences once; every variant and penalty on every seed; a JSON-ready record."""
+def _quiet_run(*args: Any) -> dict[str, Any]:
+    """:func:`run_one` with a diverging explicit step recorded, not warned."""
+    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdaLoraWarning)
+        return run_one(*args)
+
+
+def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = print, jobs: int = 1
+        ) -> dict[str, Any]:
+    """Embed the sentences once; every variant and penalty on every seed (``jobs`` at once); a JSON-ready record."""
     t0, env = time.perf_counter(), environment(device)
     domains, W0, b0 = embed(device, setting.max_sentences)
     log(f"{LAYER}: {W0.shape[0]} -> {W0.shape[1]}; task A {len(domains['A'])} sentences, task B "
         f"{len(domains['B'])}; {setting.updates} updates of {PER_UPDATE} requests per task; seeds {list(seeds)}")
-    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", AdaLoraWarning)  # a diverging explicit step is recorded, not warned
-        runs = {v: [run_one(domains, W0, b0, setting, s, v, LAM) for s in seeds] for v in VARIANTS}
-        sweep = {v: {lam: [run_one(domains, W0, b0, setting, s, v, lam) for s in seeds] for lam in setting.lams}
-                 for v in VARIANTS[1:]}
+    keys = [(v, LAM, s) for v in VARIANTS for s in seeds]
+    keys += [(v, lam, s) for v in VARIANTS[1:] for lam in setting.lams for s in seeds]
+    keys = list(dict.fromkeys(keys))  # the main penalty is in the sweep too: run once
+    done = dict(zip(keys, run_jobs(_quiet_run, [(domains, W0, b0, setting, s, v, lam) for v, lam, s in keys],
+                                   jobs)))
+    runs = {v: [done[v, LAM, s] for s in seeds] for v in VARIANTS}
+    sweep = {v: {lam: [dict(done[v, lam, s]) for s in seeds] for lam in setting.lams} for v in VARIANTS[1:]}
     for by_lam in sweep.values():  # the sweep keeps its numbers; the curves are the main runs'
         for sweep_runs in by_lam.values():
             for r in sweep_runs:
@@ -264,18 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lams", type=float, nargs="+", help="override the penalty sweep")
     ap.add_argument("--json", metavar="FILE", help="write every number (curves included) as JSON")
     ap.add_argument("--figures", metavar="DIR", help="write the PNG figure into DIR (needs matplotlib)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, in processes (default 1)")
     args = ap.parse_args(argv)
     changes = {f: getattr(args, f) for f in ("updates", "max_sentences", "lams") if getattr(args, f) is not None}
-    setting = replace(QUICK if args.quick else FULL, **changes)
-    if args.figures:
-        plot.require()
-    result = run(setting, args.seeds, args.device)
-    print(report(result))
-    if args.json:
-        write_json(args.json, result)
-    if args.figures:
-        print("figures:", ", ".join(figures(result, args.figures, " (quick)" if args.quick else "")))
-    return result
+    return finish(sys.modules[__name__], args, replace(QUICK if args.quick else FULL, **changes))
 
 
 if __name__ == "__main__":

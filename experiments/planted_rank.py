@@ -26,6 +26,7 @@ import argparse
 import copy
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,7 @@ import adalora_core as ac
 from adalora_core import plot
 from adalora_core.demo import spearman
 
-from .common import encode, environment, load_model, sentences, stats, write_json
+from .common import encode, environment, finish, load_model, run_jobs, sentences, stats
 
 INIT_R, TARGET_R = 8, 4
 _KINDS = ("attention.self.query", "attention.self.value", "intermediate.dense")
@@ -183,28 +184,70 @@ def _targets(tokenizer: Any, teacher: Any, texts: Sequence[str], setting: Settin
     return out
 
 
-def run_seed(tokenizer: Any, base: Any, texts: Mapping[str, Sequence[str]], setting: Setting, seed: int,
-             lrs: Mapping[str, Sequence[float]], device: str, log: Any) -> dict[str, Any]:
-    """Both students on one seed; each trained at every learning rate in ``lrs[method]``, the one with the
-    lowest validation loss kept."""
-    teacher = make_teacher(base, seed)
-    held = _targets(tokenizer, teacher, texts["held_out"], setting, device)
-    val = _targets(tokenizer, teacher, texts["validation"], setting, device)
-    train_s = texts["train"]
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < setting.steps * setting.batch:  # epochs, each shuffled
-        order += rng.sample(range(len(train_s)), len(train_s))
-    batches = [encode(tokenizer, [train_s[j] for j in order[b * setting.batch: (b + 1) * setting.batch]],
-                      setting.max_len, device) for b in range(setting.steps)]
-    res: dict[str, Any] = {"seed": seed, "base_loss": evaluate(base, held)}
-    log(f"seed {seed}: held-out loss of the unadapted model {res['base_loss']:.5f}")
-    for method in ("adalora", "lora"):
-        tried = [train(method, lr, base, teacher, batches, held, val, setting, seed, log) for lr in lrs[method]]
-        res[method] = min(tried, key=lambda r: r["val_loss"])
-        if len(tried) > 1:
-            res.setdefault("lr_search", {})[method] = {str(r["lr"]): r["val_loss"] for r in tried}
-    return res
+Split = Mapping[str, Sequence[str]]  # "train", "validation", "held_out" sentences
+
+
+@dataclass
+class SeedContext:
+    """What every run of one seed shares: the teacher, its targets on the scored sentences, the batches."""
+
+    base_loss: float
+    teacher: Any
+    held: Evalset
+    val: Evalset
+    batches: list[dict[str, Any]]
+
+
+_CONTEXT: dict[tuple[Setting, int, str], SeedContext] = {}
+
+
+def seed_context(texts: Split, setting: Setting, seed: int, device: str) -> SeedContext:
+    """The seed's context, built once per process (the latest seed's is kept)."""
+    key = (setting, seed, device)
+    if key not in _CONTEXT:
+        _CONTEXT.clear()
+        tokenizer, base = load_model(device)
+        teacher = make_teacher(base, seed)
+        held = _targets(tokenizer, teacher, texts["held_out"], setting, device)
+        train_s = texts["train"]
+        rng = random.Random(seed)
+        order: list[int] = []
+        while len(order) < setting.steps * setting.batch:  # epochs, each shuffled
+            order += rng.sample(range(len(train_s)), len(train_s))
+        batches = [encode(tokenizer, [train_s[j] for j in order[b * setting.batch: (b + 1) * setting.batch]],
+                          setting.max_len, device) for b in range(setting.steps)]
+        _CONTEXT[key] = SeedContext(evaluate(base, held), teacher, held,
+                                    _targets(tokenizer, teacher, texts["validation"], setting, device), batches)
+    return _CONTEXT[key]
+
+
+def train_job(texts: Split, setting: Setting, seed: int, method: str, lr: float, device: str) -> dict[str, Any]:
+    """One student of one seed (a unit :func:`~experiments.common.run_jobs` can run in any process)."""
+    ctx = seed_context(texts, setting, seed, device)
+    base = load_model(device)[1]
+    out = train(method, lr, base, ctx.teacher, ctx.batches, ctx.held, ctx.val, setting, seed,
+                lambda line: print(line, flush=True))
+    return {**out, "base_loss": ctx.base_loss}
+
+
+def run_seeds(texts: Split, setting: Setting, seeds: Sequence[int], lrs: Mapping[str, Sequence[float]],
+              device: str, jobs: int, log: Any) -> list[dict[str, Any]]:
+    """Both students on each seed, each trained at every rate in ``lrs[method]``; per seed and method
+    the run with the lowest validation loss is kept (and the validation loss of every rate tried)."""
+    tasks = [(texts, setting, seed, method, lr, device) for seed in seeds for method in lrs for lr in lrs[method]]
+    done = run_jobs(train_job, tasks, jobs)
+    runs = []
+    for seed in seeds:
+        tried = {m: [r for t, r in zip(tasks, done) if t[2] == seed and t[3] == m] for m in lrs}
+        res: dict[str, Any] = {"seed": seed, "base_loss": tried["adalora"][0]["base_loss"]}
+        log(f"seed {seed}: held-out loss of the unadapted model {res['base_loss']:.5f}")
+        for method, rs in tried.items():
+            res[method] = min(rs, key=lambda r: r["val_loss"])
+            del res[method]["base_loss"]
+            if len(rs) > 1:
+                res.setdefault("lr_search", {})[method] = {str(r["lr"]): r["val_loss"] for r in rs}
+        runs.append(res)
+    return runs
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -220,10 +263,14 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = print) -> dict[str, Any]:
-    """The whole experiment: every seed, both students; a JSON-ready record."""
+def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = print, jobs: int = 1
+        ) -> dict[str, Any]:
+    """The whole experiment: every seed, both students; a JSON-ready record.
+
+    The learning rates are chosen on the first seed and kept for the others;
+    ``jobs`` runs that many students at once (the same numbers, sooner).
+    """
     t0, env = time.perf_counter(), environment(device)
-    tokenizer, base = load_model(device)
     texts = [s for _, s in sentences()]
     random.Random(DATA_SEED).shuffle(texts)
     n_held, n_val = int(len(texts) * HELD_OUT), int(len(texts) * VALIDATION)
@@ -233,10 +280,10 @@ def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = 
     log(f"{len(split['train'])} training, {len(split['validation'])} validation and {len(split['held_out'])} "
         f"held-out sentences; {len(PLANTED)} perturbed linears; {setting.steps} steps of {setting.batch} "
         f"sentences (<= {setting.max_len} tokens); learning rates {list(setting.lrs)}")
-    runs, chosen = [], {m: list(setting.lrs) for m in ("adalora", "lora")}
-    for seed in seeds:
-        runs.append(run_seed(tokenizer, base, split, setting, seed, chosen, device, log))
-        chosen = {m: [runs[0][m]["lr"]] for m in chosen}  # chosen on the first seed, kept for the others
+    runs = run_seeds(split, setting, seeds[:1], {m: list(setting.lrs) for m in ("adalora", "lora")}, device, jobs,
+                     log)
+    chosen = {m: [runs[0][m]["lr"]] for m in ("adalora", "lora")}
+    runs += run_seeds(split, setting, seeds[1:], chosen, device, jobs, log)
     return {"experiment": "planted_rank", "setting": asdict(setting), "seeds": list(seeds),
             "environment": env, "planted": PLANTED, "init_r": INIT_R, "target_r": TARGET_R,
             "sv_scale": SV_SCALE,
@@ -312,19 +359,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the setting's {field}")
     ap.add_argument("--json", metavar="FILE", help="write every number (curves, rank histories) as JSON")
     ap.add_argument("--figures", metavar="DIR", help="write the PNG figures into DIR (needs matplotlib)")
+    ap.add_argument("--jobs", type=int, default=1, help="students trained at once, in processes (default 1)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
     changes = {f: getattr(args, f) for f in asdict(FULL) if getattr(args, f) is not None}
-    setting = replace(QUICK if args.quick else FULL, **changes)
-    if args.figures:
-        plot.require()
-    result = run(setting, args.seeds, args.device)
-    print(report(result))
-    if args.json:
-        write_json(args.json, result)
-    if args.figures:
-        print("figures:", ", ".join(figures(result, args.figures, " (quick)" if args.quick else "")))
-    return result
+    if args.lrs:
+        changes["lrs"] = tuple(args.lrs)
+    return finish(sys.modules[__name__], args, replace(QUICK if args.quick else FULL, **changes))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_planted_rank_tiny_run(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
     out = tmp_path / "r.json"
-    res = planted_rank.main(["--quick", "--seeds", "0", "--steps", "12", "--batch", "2", "--max-len", "12",
+    res = planted_rank.main(["--quick", "--jobs", "2", "--seeds", "0", "--steps", "12", "--batch", "2", "--max-len", "12",
                              "--eval-sentences", "8", "--eval-every", "6", "--deltaT", "2", "--lrs", "1e-2",
                              "--json", str(out), "--figures", str(tmp_path)])
     run = res["runs"][0]
@@ -89,3 +89,10 @@ def test_forgetting_tiny_run(tmp_path):
     assert res["sweep_summary"]["explicit"]["10000.0"] == {"diverged": 2}  # lr * lam * F >> 2
     assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "f.json").read_text())["lam"] == forgetting.LAM
+
+
+def test_runs_side_by_side_give_the_same_numbers():
+    setting = forgetting.Setting(updates=10, every=5, lams=(3.0, forgetting.LAM), max_sentences=60)
+    one, two = (forgetting.run(setting, [0, 1], log=lambda _: None, jobs=jobs) for jobs in (1, 2))
+    assert one["runs"] == two["runs"] and one["sweep"] == two["sweep"]
+    assert one["runs"]["proximal"][0]["curve"]  # the sweep's copy of a main run lost its curve, the run did not
