@@ -95,7 +95,7 @@ def make_teacher(base: Any, seed: int) -> Any:
             out_f, in_f = W.shape
             U = torch.linalg.qr(torch.randn(out_f, k, generator=g, dtype=torch.float64))[0]
             V = torch.linalg.qr(torch.randn(in_f, k, generator=g, dtype=torch.float64))[0]
-            s = SV_SCALE * W.double().norm() / math.sqrt(min(out_f, in_f))
+            s = SV_SCALE * float(W.double().norm()) / math.sqrt(min(out_f, in_f))  # on any device
             W += (s * U @ V.T).to(W.dtype).to(W.device)
     return teacher
 
