@@ -119,29 +119,40 @@ def write_json(path: str, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
-def _worker_threads(n: int) -> None:
+def _init_worker(threads: int, gpus: Any) -> None:
     import torch
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
+    if gpus is not None:
+        torch.cuda.set_device(gpus.get())  # "cuda" in this worker is its own GPU
 
 
-def run_jobs(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int = 1) -> list[Any]:
+def run_jobs(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int = 1, device: str = "cpu"
+             ) -> list[Any]:
     """``[fn(*t) for t in tasks]``, in ``jobs`` processes when ``jobs > 1``; the results in order.
 
     The runs of an experiment are independent and each is deterministic in its
     arguments, so running them side by side changes no number, only the wall
-    time (the runs are host-bound: one GPU or many cores serve several). The
-    workers are spawned (safe with CUDA) and share the cores evenly.
+    time. The workers are spawned (safe with CUDA) and share the cores evenly;
+    with ``device="cuda"`` on a machine of several GPUs they are spread over
+    them (processes sharing one GPU take turns on it: no faster than one).
     """
     if jobs <= 1 or len(tasks) <= 1:
         return [fn(*t) for t in tasks]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    import torch
+
     jobs = min(jobs, len(tasks))
+    ctx = multiprocessing.get_context("spawn")
+    gpus = None
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        gpus = ctx.Queue()
+        for i in range(jobs):
+            gpus.put(i % torch.cuda.device_count())
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, gpus)) as pool:
         return list(pool.map(fn, *zip(*tasks)))
 
 

@@ -235,7 +235,7 @@ def run_seeds(texts: Split, setting: Setting, seeds: Sequence[int], lrs: Mapping
     """Both students on each seed, each trained at every rate in ``lrs[method]``; per seed and method
     the run with the lowest validation loss is kept (and the validation loss of every rate tried)."""
     tasks = [(texts, setting, seed, method, lr, device) for seed in seeds for method in lrs for lr in lrs[method]]
-    done = run_jobs(train_job, tasks, jobs)
+    done = run_jobs(train_job, tasks, jobs, device)
     runs = []
     for seed in seeds:
         tried = {m: [r for t, r in zip(tasks, done) if t[2] == seed and t[3] == m] for m in lrs}
