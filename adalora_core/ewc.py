@@ -122,10 +122,10 @@ class EwcState:
     """EWC++ state of one adapter: ``fisher_a``, ``fisher_b``, ``optimal_a``, ``optimal_b``
     (and the window sums ``window_a``, ``window_b``).
 
-    Shapes follow the adapter's public layout, ``(in, r)`` for A and ``(r, out)``
-    for B; the A-side arrays are stored rank-major like the adapter's A (the
-    transposes of C-contiguous ``(r, in)`` arrays), so the C kernels update
-    them in place. ``EwcState.from_adapter(adapter)`` starts with F = 0 and
+    Shapes follow the adapter's: ``(r, in)`` for A and ``(r, out)`` for B,
+    C-contiguous where arrays are updated in place (the memory order of the
+    adapter's own arrays, so the C kernels update them in place).
+    ``EwcState.from_adapter(adapter)`` starts with F = 0 and
     ``theta*`` = the adapter's current weights. The state owns its arrays
     (the constructor copies them). Methods that change it are not locked:
     when the adapter is shared between threads, call them under
@@ -149,9 +149,9 @@ class EwcState:
         if not isinstance(self.config, EwcConfig):
             raise TypeError(f"config must be an EwcConfig, got {type(self.config).__name__}")
         check_int("window_steps", window_steps, 0)
-        in_f, r = (int(d) for d in fisher_a.shape) if fisher_a.ndim == 2 else (-1, -1)
+        r, in_f = (int(d) for d in fisher_a.shape) if fisher_a.ndim == 2 else (-1, -1)
         out_f = int(fisher_b.shape[-1]) if fisher_b.ndim == 2 else -1
-        want = {"fisher_a": (in_f, r), "optimal_a": (in_f, r), "window_a": (in_f, r),
+        want = {"fisher_a": (r, in_f), "optimal_a": (r, in_f), "window_a": (r, in_f),
                 "fisher_b": (r, out_f), "optimal_b": (r, out_f), "window_b": (r, out_f)}
         given = {"fisher_a": fisher_a, "fisher_b": fisher_b, "optimal_a": optimal_a,
                  "optimal_b": optimal_b, "window_a": window_a, "window_b": window_b}
@@ -160,15 +160,15 @@ class EwcState:
                 continue
             if min(want[name]) < 1 or tuple(int(d) for d in a.shape) != want[name]:
                 raise ValueError(f"{name} has shape {tuple(a.shape)}; EwcState needs fisher_a/optimal_a/window_a "
-                                 "(in, r) and fisher_b/optimal_b/window_b (r, out) with matching r")
+                                 "(r, in) and fisher_b/optimal_b/window_b (r, out) with matching r")
             if a.dtype != fisher_a.dtype:
                 raise TypeError(f"{name} has dtype {a.dtype}, fisher_a has {fisher_a.dtype}")
         self._xp = xp
-        self._fa = owned_copy(fisher_a.T).T
-        self._oa = owned_copy(optimal_a.T).T
+        self._fa = owned_copy(fisher_a)
+        self._oa = owned_copy(optimal_a)
         self._fb = owned_copy(fisher_b)
         self._ob = owned_copy(optimal_b)
-        self._sa = owned_copy(window_a.T).T if window_a is not None else xp.zeros_like(self._fa)
+        self._sa = owned_copy(window_a) if window_a is not None else xp.zeros_like(self._fa)
         self._sb = owned_copy(window_b) if window_b is not None else xp.zeros_like(self._fb)
         self.window_steps = window_steps
 
@@ -206,11 +206,11 @@ class EwcState:
 
     def check_compatible(self, adapter: Any) -> None:
         """A ValueError/TypeError when this state does not fit ``adapter``."""
-        if tuple(self._fa.shape) != (adapter.in_features, adapter.rank) or \
+        if tuple(self._fa.shape) != (adapter.rank, adapter.in_features) or \
                 tuple(self._fb.shape) != (adapter.rank, adapter.out_features):
             raise ValueError(
                 f"EWC state is for A {tuple(self._fa.shape)} / B {tuple(self._fb.shape)} but the adapter has "
-                f"A ({adapter.in_features}, {adapter.rank}) / B ({adapter.rank}, {adapter.out_features})")
+                f"A ({adapter.rank}, {adapter.in_features}) / B ({adapter.rank}, {adapter.out_features})")
         if self._fa.dtype != adapter.dtype:
             raise TypeError(f"EWC state has dtype {self._fa.dtype}, the adapter's is {adapter.dtype}")
 
@@ -219,7 +219,7 @@ class EwcState:
     def step(self, A: Array, grad_A: Array, B: Array, grad_B: Array, inv_count: float, lr: float, lam: float, *,
              update_fisher: bool, proximal: bool, apply: Callable[..., Any] = lora_apply_ewc,
              ) -> tuple[Array, Array, Array, Array]:
-        """One EWC++ step of an adapter's ``A`` and ``B`` (public layout) on their summed
+        """One EWC++ step of an adapter's ``A`` and ``B`` on their summed
         gradients, which are cleared: returns the new ``(A, grad_A, B, grad_B)`` (the arrays
         given, updated in place, on mutable libraries).
 
@@ -313,18 +313,18 @@ class EwcState:
         lam = self.config.lam if lam is None else lam
         check_float("lam", lam, 0.0)
         self.check_compatible(adapter)
-        with adapter.lock:  # A's sum runs over its rank-major memory
-            return penalty(adapter.A.T, self._oa.T, self._fa.T, lam) + penalty(adapter.B, self._ob, self._fb, lam)
+        with adapter.lock:
+            return penalty(adapter.A, self._oa, self._fa, lam) + penalty(adapter.B, self._ob, self._fb, lam)
 
     def penalty_grad(self, adapter: Any, lam: float | None = None) -> tuple[Array, Array]:
-        """``(lam*F_a*(A - A*), lam*F_b*(B - B*))`` in the public layout."""
+        """``(lam*F_a*(A - A*), lam*F_b*(B - B*))``, shaped as A and B."""
         lam = self.config.lam if lam is None else lam
         check_float("lam", lam, 0.0)
         self.check_compatible(adapter)
         with adapter.lock:
-            ga = penalty_grad(adapter.A.T, self._oa.T, self._fa.T, lam)
+            ga = penalty_grad(adapter.A, self._oa, self._fa, lam)
             gb = penalty_grad(adapter.B, self._ob, self._fb, lam)
-        return ga.T, gb
+        return ga, gb
 
     def state_arrays(self) -> dict[str, Array]:
         return {"fisher_a": self._fa, "fisher_b": self._fb, "optimal_a": self._oa,

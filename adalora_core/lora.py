@@ -1,25 +1,26 @@
-"""Low-rank adapters of any rank: ``y = scaling * (x @ A) @ B (+ bias)``.
+"""Low-rank adapters of any rank: ``y = scaling * (x @ A.T) @ B (+ bias)``.
 
-Names (the MicroLoRA family; ``docs/ARCHITECTURE.md`` lists them): ``A`` is
-``(in, r)`` and ``B`` is ``(r, out)``, so that ``y = x @ A @ B`` with ``x`` on
-the left; PEFT's ``lora_A.weight`` is ``A.T``. ``scaling = alpha / r`` is the
+Names (the whole library; ``docs/ARCHITECTURE.md`` lists them): ``A`` is
+``(r, in)``, as PEFT's ``lora_A.weight`` and the AdaLoRA triplet's ``A``, and
+``B`` is ``(r, out)`` (PEFT's ``lora_B.weight`` is ``B.T``), so that
+``y = x @ A.T @ B`` with ``x`` on the left. ``scaling = alpha / r`` is the
 factor applied to the low-rank product (PEFT LoRA's meaning). ``delta_weight``
 is ``(out, in)`` unless asked for ``(in, out)``, like a torch ``nn.Linear``
 weight and ``triplet.delta_weight``.
 
 Storage: the arrays of adapters of one shape live stacked in a
-:class:`LoraStack`: ``A`` rank-major, as ``(m, r, in)`` memory (the layout
-the C kernels load fastest, and the one the batched forward reads directly),
-``B`` as ``(m, r, out)``, their summed gradients, and the optional bias. A
+:class:`LoraStack`: ``A`` as ``(m, r, in)`` (rank-major: the layout the C
+kernels load fastest, and the one the batched forward reads directly), ``B``
+as ``(m, r, out)``, their summed gradients, and the optional bias. A
 :class:`LoraAdapter` is one slot of a stack: a stack of its own by default,
 one slot of the pool's stack in an :class:`~adalora_core.pool.AdapterPool`.
 
 The math, with ``c = scaling * reward`` (exact backprop of ``y`` for the
 upstream gradient ``reward * grad_out``)::
 
-    forward:     y  = scaling * (x @ A) @ B
-    accumulate:  gB += c * outer(x @ A, grad_out)      (summed over a batch)
-                 gA += c * outer(x, grad_out @ B.T)
+    forward:     y  = scaling * (x @ A.T) @ B
+    accumulate:  gB += c * outer(x @ A.T, grad_out)    (summed over a batch)
+                 gA += c * outer(grad_out @ B.T, x)
                  count += number of examples
     apply:       theta -= (lr / count) * g;  g = 0;  count = 0
 
@@ -52,17 +53,19 @@ from functools import partial
 from typing import Any
 
 from ._at import at, is_mutable, owned_copy
-from ._xp import Array, device, namespace
+from ._xp import Array, device, host_np, namespace
 from .config import MICROLORA_INITS as LORA_INITS
 from .config import check_float, check_int
 from .errors import AdaLoraWarning
 from .ewc import EwcState, lora_apply_ewc
 
 __all__ = [
+    "A_SIDE",
     "GOLDEN",
     "LORA_INITS",
     "LoraAdapter",
     "LoraStack",
+    "a_side_from_v1",
     "golden_init",
     "is_mutable",
     "lora_accumulate",
@@ -122,33 +125,35 @@ def _check_index(xp: Any, idx: Array, n: int, m: int) -> None:
 
 
 def lora_forward_add(x: Array, A: Array, B: Array, scaling: float, out: Array) -> Array:
-    """``out + scaling * (x @ A) @ B``, written into ``out`` where the library allows it.
+    """``out + scaling * (x @ A.T) @ B``, written into ``out`` where the library allows it.
 
-    x ``(in,)`` or ``(n, in)``; A ``(in, r)``; B ``(r, out)``; out ``(out,)`` or ``(n, out)``.
+    x ``(in,)`` or ``(n, in)``; A ``(r, in)``; B ``(r, out)``; out ``(out,)`` or ``(n, out)``.
+    ``A.T`` is a transposed view: the matmul reads A's rank-major memory, nothing is copied.
     """
     namespace(x, A, B, out)  # one library, or a TypeError naming them
-    check_rows("x", x, int(A.shape[0]), "out", out, int(B.shape[1]), A.dtype)
-    return at(out).add(scaling * ((x @ A) @ B))
+    check_rows("x", x, int(A.shape[1]), "out", out, int(B.shape[1]), A.dtype)
+    return at(out).add(scaling * ((x @ A.T) @ B))
 
 
 def lora_accumulate(
     x: Array, grad_out: Array, A: Array, B: Array, scaling: float, reward: float, gA: Array, gB: Array
 ) -> tuple[Array, Array]:
-    """``(gA + dA, gB + dB)``: the reward-scaled gradient of ``y = s (x A) B``, summed over a batch.
+    """``(gA + dA, gB + dB)``: the reward-scaled gradient of ``y = s (x A.T) B``, summed over a batch.
 
-    ``dB = s*reward * outer(x @ A, grad_out)``, ``dA = s*reward * outer(x, grad_out @ B.T)``.
+    ``dB = s*reward * outer(x @ A.T, grad_out)``, ``dA = s*reward * outer(grad_out @ B.T, x)``;
+    A and gA ``(r, in)``.
     """
     namespace(x, grad_out, A, B, gA, gB)
-    check_rows("x", x, int(A.shape[0]), "grad_out", grad_out, int(B.shape[1]), A.dtype)
+    check_rows("x", x, int(A.shape[1]), "grad_out", grad_out, int(B.shape[1]), A.dtype)
     c = float(scaling) * float(reward)
     if x.ndim == 1:
-        h = c * (x @ A)  # (r,)
+        h = c * (x @ A.T)  # (r,)
         gh = c * (grad_out @ B.T)  # (r,)
         dB = h[:, None] * grad_out[None, :]
-        dA = x[:, None] * gh[None, :]
+        dA = gh[:, None] * x[None, :]
     else:
-        dB = (c * (x @ A)).T @ grad_out
-        dA = x.T @ (c * (grad_out @ B.T))
+        dB = (c * (x @ A.T)).T @ grad_out
+        dA = (x.T @ (c * (grad_out @ B.T))).T  # the (in, r) product, seen as (r, in)
     return at(gA).add(dA), at(gB).add(dB)
 
 
@@ -160,19 +165,19 @@ def lora_apply(param: Array, grad: Array, lr_over_count: float) -> tuple[Array, 
 def lora_forward_add_batched(
     x: Array, A_stack: Array, B_stack: Array, scaling: float | Array, idx: Array, out: Array
 ) -> Array:
-    """Many adapters in one vectorised call: ``out[b] += s * (x[b] @ A[idx[b]]) @ B[idx[b]]``.
+    """Many adapters in one vectorised call: ``out[b] += s * (x[b] @ A[idx[b]].T) @ B[idx[b]]``.
 
-    x ``(n, in)``; A_stack ``(m, in, r)``; B_stack ``(m, r, out)``; idx ``(n,)``
+    x ``(n, in)``; A_stack ``(m, r, in)``; B_stack ``(m, r, out)``; idx ``(n,)``
     integers in ``[0, m)``; ``scaling`` a number or an ``(m,)`` array. A gather
     (``xp.take``) and two batched matmuls.
     """
     xp = namespace(x, A_stack, B_stack, out)
-    m, in_f, _ = _shape(A_stack)
+    m, _, in_f = _shape(A_stack)
     if getattr(x, "ndim", None) != 2:
         raise ValueError(f"x must be a batch (n, in), got shape {getattr(x, 'shape', None)}")
     check_rows("x", x, in_f, "out", out, int(B_stack.shape[2]), A_stack.dtype)
     _check_index(xp, idx, int(x.shape[0]), m)
-    Ag = xp.take(A_stack, idx, axis=0)  # (n, in, r)
+    Ag = xp.take(xp.permute_dims(A_stack, (0, 2, 1)), idx, axis=0)  # (n, in, r): the gather copies anyway
     Bg = xp.take(B_stack, idx, axis=0)  # (n, r, out)
     h = xp.matmul(x[:, None, :], Ag)  # (n, 1, r)
     delta = xp.matmul(h, Bg)[:, 0, :]
@@ -189,10 +194,11 @@ def lora_forward_add_batched(
 
 
 def golden_init(xp: Any, in_features: int, r: int, dtype: Any, device: Any = None) -> Array:
-    """The deterministic golden-ratio init, rank-major: ``At (r, in)`` with ``At[j, i] = A[i, j]``.
+    """The deterministic golden-ratio init of ``A (r, in)``.
 
-    ``A[i, j] = ((k * 0.618033988749895) % 1 - 0.5) * 2 * sqrt(2/in) * 0.01``,
-    ``k = i*r + j``, evaluated in float64 and rounded once to ``dtype``.
+    ``A[j, i] = ((k * 0.618033988749895) % 1 - 0.5) * 2 * sqrt(2/in) * 0.01``,
+    ``k = i*r + j`` (the original's order: input-major), evaluated in float64
+    and rounded once to ``dtype``.
     """
     f64 = xp.float64
     i = xp.arange(in_features, dtype=f64, device=device)
@@ -222,10 +228,10 @@ class LoraStack:
     """The arrays of ``capacity`` adapters of one shape, stacked: the one storage of
     :class:`LoraAdapter` and :class:`~adalora_core.pool.AdapterPool`.
 
-    Fields (``arrays``): ``At (m, r, in)`` (A rank-major), ``B (m, r, out)``, their
-    summed gradients ``gAt``, ``gB``, and with ``use_bias`` ``bias (m, out)`` and
-    ``gbias``. :attr:`A` is ``At`` seen as ``(m, in, r)``, the form the batched
-    forward takes. Adapters cache views of their slot. Writes go through
+    Fields (``arrays``): ``A (m, r, in)``, ``B (m, r, out)``, their summed
+    gradients ``gA``, ``gB``, and with ``use_bias`` ``bias (m, out)`` and
+    ``gbias``; the batched forward takes ``A`` and ``B`` as they are. Adapters
+    cache views of their slot. Writes go through
     :func:`~adalora_core._at.at`: on libraries without in-place updates a write
     replaces the whole array, and the writer refreshes its views (the other
     adapters' views still hold their own slots' data, which did not change).
@@ -237,26 +243,22 @@ class LoraStack:
                  capacity: int = 1, use_bias: bool = False) -> None:
         self.backend, self.dtype_name = backend, dtype
         self.in_features, self.out_features, self.rank, self.use_bias = in_features, out_features, rank, use_bias
-        shapes: dict[str, tuple[int, ...]] = {"At": (rank, in_features), "B": (rank, out_features),
-                                              "gAt": (rank, in_features), "gB": (rank, out_features)}
+        shapes: dict[str, tuple[int, ...]] = {"A": (rank, in_features), "B": (rank, out_features),
+                                              "gA": (rank, in_features), "gB": (rank, out_features)}
         if use_bias:
             shapes.update(bias=(out_features,), gbias=(out_features,))
         self._shapes = shapes
         self.arrays: dict[str, Array] = {k: backend.zeros((capacity, *s), dtype=dtype) for k, s in shapes.items()}
         self._members: dict[int, weakref.ReferenceType[LoraAdapter]] = {}
-        self._A: tuple[Array, Array] | None = None  # (At, its (m, in, r) view)
 
     @property
     def capacity(self) -> int:
-        return int(self.arrays["At"].shape[0])
+        return int(self.arrays["A"].shape[0])
 
     @property
     def A(self) -> Array:
-        """Every adapter's ``A`` as ``(m, in, r)``: a view of the rank-major ``At``."""
-        At = self.arrays["At"]
-        if self._A is None or self._A[0] is not At:
-            self._A = (At, self.backend.xp.permute_dims(At, (0, 2, 1)))
-        return self._A[1]
+        """Every adapter's ``A``, ``(m, r, in)``."""
+        return self.arrays["A"]
 
     @property
     def B(self) -> Array:
@@ -292,15 +294,14 @@ class LoraStack:
         self.arrays[field] = new
         return new is not old
 
-    def clear(self, slot: int, fields: tuple[str, ...] = ("At", "B", "gAt", "gB", "bias", "gbias")) -> bool:
+    def clear(self, slot: int, fields: tuple[str, ...] = ("A", "B", "gA", "gB", "bias", "gbias")) -> bool:
         """Zero ``fields`` (those this stack has) of ``slot``; True when an array was replaced."""
         replaced = [self.write(slot, k, 0) for k in fields if k in self.arrays]
         return any(replaced)
 
 
-# The adapter's per-slot views: view attribute -> (stack field, stored transposed).
-_VIEWS = {"_At": ("At", False), "_A": ("At", True), "_B": ("B", False), "_gAt": ("gAt", False),
-          "_gA": ("gAt", True), "_gB": ("gB", False), "_bias": ("bias", False), "_gbias": ("gbias", False)}
+# The adapter's per-slot views: view attribute -> stack field.
+_VIEWS = {"_A": "A", "_B": "B", "_gA": "gA", "_gB": "gB", "_bias": "bias", "_gbias": "gbias"}
 
 
 # ---------------------------------------------------------------------------
@@ -377,12 +378,12 @@ class LoraAdapter:
         if init == "kaiming":
             bound = math.sqrt(2.0 / in_features)
             gen = rng if rng is not None else be.rng(seed)
-            At = gen.uniform((rank, in_features), -bound, bound, dtype=dt)
+            A = gen.uniform((rank, in_features), -bound, bound, dtype=dt)
         else:
-            At = golden_init(xp, in_features, rank, dt, device(self._stack.arrays["At"]))
-        self._stack.write(self._slot, "At", At)
+            A = golden_init(xp, in_features, rank, dt, device(self._stack.arrays["A"]))
+        self._stack.write(self._slot, "A", A)
         self._sync()
-        self._dtype = self._At.dtype
+        self._dtype = self._A.dtype
         self._pick_ops(be, dt)
 
     # -- plumbing ---------------------------------------------------------
@@ -390,8 +391,7 @@ class LoraAdapter:
     def _sync(self) -> None:
         """Point the per-slot views (the attributes named in ``_VIEWS``) at the stack's current arrays."""
         a, s = self._stack.arrays, self._slot
-        self._At, self._B, self._gAt, self._gB = a["At"][s, ...], a["B"][s, ...], a["gAt"][s, ...], a["gB"][s, ...]
-        self._A, self._gA = self._At.T, self._gAt.T
+        self._A, self._B, self._gA, self._gB = a["A"][s, ...], a["B"][s, ...], a["gA"][s, ...], a["gB"][s, ...]
         self._bias: Array | None = a["bias"][s, ...] if self.use_bias else None
         self._gbias: Array | None = a["gbias"][s, ...] if self.use_bias else None
 
@@ -405,8 +405,7 @@ class LoraAdapter:
         replaced = False
         for view, value in arrays.items():
             if value is not getattr(self, view):
-                field, transposed = _VIEWS[view]
-                replaced |= self._stack.write(self._slot, field, value.T if transposed else value)
+                replaced |= self._stack.write(self._slot, _VIEWS[view], value)
         if replaced:
             self._sync()
 
@@ -454,7 +453,7 @@ class LoraAdapter:
 
     @property
     def A(self) -> Array:
-        """``(in, r)``: a view of the adapter's storage on mutable libraries; do not write to it."""
+        """``(r, in)``: a view of the adapter's storage on mutable libraries; do not write to it."""
         return self._view("_A")
 
     @property
@@ -468,7 +467,7 @@ class LoraAdapter:
 
     @property
     def grad_A(self) -> Array:
-        """The summed, not yet applied gradient of A ``(in, r)``."""
+        """The summed, not yet applied gradient of A ``(r, in)``."""
         return self._view("_gA")
 
     @property
@@ -502,7 +501,7 @@ class LoraAdapter:
     # -- forward ------------------------------------------------------------
 
     def forward_add(self, x: Array, out: Array) -> Array:
-        """``out += scaling * (x @ A) @ B (+ bias)`` for ``x (in,)`` or ``(n, in)``; returns ``out``.
+        """``out += scaling * (x @ A.T) @ B (+ bias)`` for ``x (in,)`` or ``(n, in)``; returns ``out``.
 
         In place on mutable libraries (no allocation on the native backend);
         a new array on immutable ones. Wrong shapes or dtypes raise before
@@ -518,7 +517,7 @@ class LoraAdapter:
         return out
 
     def forward(self, x: Array) -> Array:
-        """``scaling * (x @ A) @ B (+ bias)``: a new ``(out,)`` or ``(n, out)`` array."""
+        """``scaling * (x @ A.T) @ B (+ bias)``: a new ``(out,)`` or ``(n, out)`` array."""
         if getattr(x, "ndim", None) not in (1, 2):
             raise ValueError(f"x must be (in,) or (n, in), got shape {getattr(x, 'shape', None)}")
         shape = (self.out_features,) if x.ndim == 1 else (int(x.shape[0]), self.out_features)
@@ -549,14 +548,14 @@ class LoraAdapter:
             self._zero_grads()
 
     def _zero_grads(self) -> None:
-        self._clear(("gAt", "gB", "gbias"))
+        self._clear(("gA", "gB", "gbias"))
         self.pending_updates = 0
 
     def _ready(self) -> bool:
         """True when a step should run; drops (and counts) a non-finite gradient."""
         if self.pending_updates == 0:
             return False
-        if not all_finite(self._xp, self._gAt, self._gB, self._gbias):
+        if not all_finite(self._xp, self._gA, self._gB, self._gbias):
             self._skip(f"the gradient accumulated over {self.pending_updates} examples is not finite")
             return False
         return True
@@ -576,7 +575,7 @@ class LoraAdapter:
         Then the weights, the bias and ``ewc``'s Fisher and window sums are put
         back and the update is skipped and counted: nothing non-finite is written.
         """
-        weights = ("_At", "_B") + (("_bias",) if self._bias is not None else ())
+        weights = ("_A", "_B") + (("_bias",) if self._bias is not None else ())
         saved = {k: owned_copy(getattr(self, k)) for k in weights}
         snapshot = ewc.snapshot() if ewc is not None else None
         n = self.pending_updates
@@ -621,9 +620,9 @@ class LoraAdapter:
 
     def _step_sgd(self, lr: float) -> None:
         s = float(lr) / self.pending_updates
-        At, gAt = self._apply(self._At, self._gAt, s)
+        A, gA = self._apply(self._A, self._gA, s)
         B, gB = self._apply(self._B, self._gB, s)
-        self._put({"_At": At, "_gAt": gAt, "_B": B, "_gB": gB})
+        self._put({"_A": A, "_gA": gA, "_B": B, "_gB": gB})
         self._step_bias(s)
 
     def apply_gradients_with_ewc(
@@ -659,18 +658,18 @@ class LoraAdapter:
     # -- weights ------------------------------------------------------------
 
     def delta_weight(self, layout: str = "out_in") -> Array:
-        """``scaling * A @ B`` as torch ``nn.Linear``'s ``(out, in)`` (the library's default, as
+        """``scaling * A.T @ B`` as torch ``nn.Linear``'s ``(out, in)`` (the library's default, as
         ``triplet.delta_weight``); ``layout="in_out"`` gives ``(in, out)`` (``y = x @ W``)."""
         if layout not in ("in_out", "out_in"):
             raise ValueError(f"layout={layout!r} is invalid: must be 'out_in' (torch nn.Linear weight, "
                              "(out, in)) or 'in_out' (W is (in, out))")
         with self._lock:
             if layout == "in_out":
-                return self.scaling * (self._A @ self._B)
-            return self.scaling * (self._B.T @ self._At)
+                return self.scaling * (self._A.T @ self._B)
+            return self.scaling * (self._B.T @ self._A)
 
     def merge_into(self, W: Array, layout: str = "out_in") -> Array:
-        """``W += scaling * A @ B`` (bias not included); returns ``W``.
+        """``W += scaling * A.T @ B`` (bias not included); returns ``W``.
 
         ``layout="out_in"`` (default): W is ``(out, in)`` (torch ``nn.Linear.weight``, ``y = x @ W.T``);
         ``layout="in_out"``: W is ``(in, out)`` (``y = x @ W``).
@@ -686,8 +685,8 @@ class LoraAdapter:
         return at(W).add(delta)
 
     def set_weights(self, A: Array, B: Array, bias: Array | None = None) -> None:
-        """Copy ``A (in, r)``, ``B (r, out)`` (and ``bias``) into the adapter, after checking them."""
-        want = {"A": (self.in_features, self._rank), "B": (self._rank, self.out_features)}
+        """Copy ``A (r, in)``, ``B (r, out)`` (and ``bias``) into the adapter, after checking them."""
+        want = {"A": (self._rank, self.in_features), "B": (self._rank, self.out_features)}
         for name, a in (("A", A), ("B", B)):
             self._check_array(name, a, want[name])
         if bias is not None:
@@ -717,7 +716,7 @@ class LoraAdapter:
     # -- state (checkpoints) --------------------------------------------------
 
     def state_arrays(self) -> dict[str, Array]:
-        """The adapter's arrays in the public layout (views on mutable libraries; copy them under ``lock``)."""
+        """The adapter's arrays (views on mutable libraries; copy them under ``lock``)."""
         with self._lock:
             out = {"lora_A": self._A, "lora_B": self._B, "grad_A": self._gA, "grad_B": self._gB}
             if self._bias is not None:
@@ -727,7 +726,7 @@ class LoraAdapter:
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         i, r, o = self.in_features, self._rank, self.out_features
-        spec: dict[str, tuple[int, ...]] = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
+        spec: dict[str, tuple[int, ...]] = {"lora_A": (r, i), "lora_B": (r, o), "grad_A": (r, i), "grad_B": (r, o)}
         if self.use_bias:
             spec["bias"] = (o,)
             spec["grad_bias"] = (o,)
@@ -741,3 +740,18 @@ class LoraAdapter:
         with self._lock:
             self._put({view: arrays[key] for view, key in views.items()})
             self.pending_updates = int(pending)
+
+
+# ---------------------------------------------------------------------------
+# checkpoints of format version 1
+# ---------------------------------------------------------------------------
+
+#: The checkpoint names (a key's last part) of the arrays shaped as ``A``: an adapter's and its EWC state's.
+A_SIDE = frozenset({"lora_A", "grad_A", "fisher_a", "optimal_a", "window_a"})
+
+
+def a_side_from_v1(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """The host arrays of a format-version-1 MicroLoRA or pool checkpoint as version 2 has them:
+    version 1 stored the :data:`A_SIDE` arrays ``(in, r)``; they are ``(r, in)`` now."""
+    return {k: host_np.ascontiguousarray(host_np.swapaxes(a, -1, -2)) if k.rsplit(".", 1)[-1] in A_SIDE else a
+            for k, a in arrays.items()}

@@ -42,13 +42,15 @@ from .checkpoint import (
 from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .ewc import EwcState
-from .lora import LoraAdapter, all_finite
+from .lora import LoraAdapter, a_side_from_v1, all_finite
 from .validate import Problems
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PEFT_LORA_CONFIG", "AdaptFeedback", "MicroLoRA"]
 
 FORMAT = "adalora_core.microlora"
-FORMAT_VERSION = 1
+#: Version 2 stores the A-side arrays (``lora_A``, ``grad_A``, ``ewc.*_a``) as ``(r, in)``; version 1
+#: (``(in, r)``) is read too.
+FORMAT_VERSION = 2
 
 #: The fields of PEFT's LoRA ``adapter_config.json`` that :meth:`MicroLoRA.save_peft` writes besides
 #: ``r``, ``lora_alpha``, ``target_modules``, ``task_type`` and ``base_model_name_or_path``: plain LoRA,
@@ -242,7 +244,7 @@ class MicroLoRA:
     # -- serving ---------------------------------------------------------------
 
     def forward(self, x: Array, module: str) -> Array:
-        """The adapter's output ``scaling * (x @ A) @ B (+ bias)`` for ``x (in,)`` or ``(n, in)``."""
+        """The adapter's output ``scaling * (x @ A.T) @ B (+ bias)`` for ``x (in,)`` or ``(n, in)``."""
         ad = self._adapters.get(module)
         if ad is None:
             raise self._unknown(module)
@@ -254,7 +256,7 @@ class MicroLoRA:
         return ad.forward(x)
 
     def forward_add(self, x: Array, module: str, out: Array) -> Array:
-        """``out += scaling * (x @ A) @ B`` for ``module``; returns ``out`` (a new array on
+        """``out += scaling * (x @ A.T) @ B`` for ``module``; returns ``out`` (a new array on
         immutable libraries). The hot path: no allocation on NumPy/native."""
         ad = self._adapters.get(module)
         if ad is None:
@@ -398,7 +400,7 @@ class MicroLoRA:
         return total
 
     def merge_into_base(self, module: str, W: Array, layout: str = "out_in") -> Array:
-        """``W += scaling * A @ B`` for ``module``: W ``(out, in)`` as a torch ``nn.Linear`` weight
+        """``W += scaling * A.T @ B`` for ``module``: W ``(out, in)`` as a torch ``nn.Linear`` weight
         (the default), or ``layout="in_out"`` for ``(in, out)``."""
         return self.adapter(module).merge_into(W, layout)
 
@@ -466,9 +468,9 @@ class MicroLoRA:
             raise CheckpointError(f"{where}: not a MicroLoRA checkpoint (format {meta.get('format')!r}, "
                                   f"expected {FORMAT!r})" if isinstance(meta, dict) else f"{where}: bad metadata")
         version = meta.get("version")
-        if version != FORMAT_VERSION:
+        if version not in (1, FORMAT_VERSION):
             raise CheckpointError(f"{where}: format version {version!r} is not supported (this library reads "
-                                  f"version {FORMAT_VERSION})")
+                                  f"versions 1 to {FORMAT_VERSION})")
         try:
             config = MicroLoraConfig.from_dict(meta["config"])
             ewc_cfg = None if meta.get("ewc") is None else EwcConfig.from_dict(meta["ewc"])
@@ -493,16 +495,18 @@ class MicroLoRA:
         r = config.rank
         for m in config.target_modules:
             i, o = config.dims(m)
-            spec: dict[str, tuple[int, ...]] = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r),
-                                                "grad_B": (r, o)}
+            a = (r, i) if version == FORMAT_VERSION else (i, r)
+            spec: dict[str, tuple[int, ...]] = {"lora_A": a, "lora_B": (r, o), "grad_A": a, "grad_B": (r, o)}
             if config.use_bias:
                 spec.update(bias=(o,), grad_bias=(o,))
             if ewc_cfg is not None:
-                spec.update({"ewc.fisher_a": (i, r), "ewc.fisher_b": (r, o), "ewc.optimal_a": (i, r),
-                             "ewc.optimal_b": (r, o), "ewc.window_a": (i, r), "ewc.window_b": (r, o)})
+                spec.update({"ewc.fisher_a": a, "ewc.fisher_b": (r, o), "ewc.optimal_a": a,
+                             "ewc.optimal_b": (r, o), "ewc.window_a": a, "ewc.window_b": (r, o)})
             for k, shape in spec.items():
                 expect[f"{m}.{k}"] = (shape, saved_dtype)
         host, _ = load_arrays(path, expect, meta=meta)
+        if version == 1:
+            host = a_side_from_v1(host)
         for m in config.target_modules:
             for k in ("ewc.fisher_a", "ewc.fisher_b", "ewc.window_a", "ewc.window_b"):
                 key = f"{m}.{k}"
@@ -538,8 +542,8 @@ class MicroLoRA:
         """Write the adapters as a PEFT LoRA adapter directory, for any stack that serves PEFT LoRA adapters.
 
         PEFT's LoRA adds ``lora_alpha / r * lora_B(lora_A(x))``: this
-        MicroLoRA's ``scaling * (x @ A) @ B``, so ``A (in, r)`` is saved as
-        ``lora_A.weight (r, in)`` and ``B (r, out)`` as ``lora_B.weight (out, r)``
+        MicroLoRA's ``scaling * (x @ A.T) @ B``, so ``A (r, in)`` is saved as
+        ``lora_A.weight`` and ``B (r, out)`` as ``lora_B.weight (out, r)``
         (``adapter_model.safetensors``), with ``adapter_config.json`` naming
         ``peft_type: LORA``, ``r``, ``lora_alpha`` and ``target_modules``.
         ``module_paths`` maps each module to the layers it serves in the model
@@ -557,7 +561,7 @@ class MicroLoRA:
         to_np = self.backend.to_numpy
         for m, ad in self._adapters.items():
             with ad.lock:
-                a = host_np.ascontiguousarray(host_np.array(to_np(ad.A)).T)
+                a = host_np.array(to_np(ad.A), order="C")
                 b = host_np.ascontiguousarray(host_np.array(to_np(ad.B)).T)
             for p in paths[m]:
                 tensors[f"{PREFIX}{p}.lora_A.weight"] = a
@@ -601,7 +605,7 @@ class MicroLoRA:
                              out_features=first_dims[1], module_dims=dims)
         obj = cls(mc, backend, seed=seed, ewc=ewc, dtype=dtype)
         for m, (a, b) in by_module.items():
-            obj.adapter(m).set_weights(obj.backend.asarray(a.T, dtype=obj.dtype_name),
+            obj.adapter(m).set_weights(obj.backend.asarray(a, dtype=obj.dtype_name),
                                        obj.backend.asarray(b.T, dtype=obj.dtype_name))
         return obj
 

@@ -1,11 +1,10 @@
 """Many adapters at once: one per session or tenant, served in one batched call.
 
 An :class:`AdapterPool` keeps every adapter of one shape in one
-:class:`~adalora_core.lora.LoraStack`: ``A`` as ``(m, in, r)`` (rank-major
-memory) and ``B`` as ``(m, r, out)``, so that a batch in which request ``b``
-uses adapter ``idx[b]``::
+:class:`~adalora_core.lora.LoraStack`: ``A`` as ``(m, r, in)`` and ``B`` as
+``(m, r, out)``, so that a batch in which request ``b`` uses adapter ``idx[b]``::
 
-    out[b] += scaling * (x[b] @ A[idx[b]]) @ B[idx[b]]
+    out[b] += scaling * (x[b] @ A[idx[b]].T) @ B[idx[b]]
 
 is one call on the stacks as they are stored: a gather (``xp.take``) and two
 batched matmuls on the Array API, one C call (``lora_forward_add_batched``)
@@ -40,6 +39,7 @@ from .lora import (
     LORA_INITS,
     LoraAdapter,
     LoraStack,
+    a_side_from_v1,
     all_finite,
     check_rows,
     dtype_name,
@@ -49,7 +49,8 @@ from .lora import (
 __all__ = ["POOL_FORMAT", "POOL_FORMAT_VERSION", "AdapterPool"]
 
 POOL_FORMAT = "adalora_core.adapter_pool"
-POOL_FORMAT_VERSION = 1
+#: Version 2 stores ``lora_A`` and ``grad_A`` as ``(n, r, in)``; version 1 (``(n, in, r)``) is read too.
+POOL_FORMAT_VERSION = 2
 
 
 class AdapterPool:
@@ -116,7 +117,7 @@ class AdapterPool:
             heapq.heappush(self._free, s)
 
     def _stacks(self) -> tuple[Array, Array]:
-        """``(A_stack (m, in, r), B_stack (m, r, out))`` as the batched op reads them: the storage itself."""
+        """``(A_stack (m, r, in), B_stack (m, r, out))`` as the batched op reads them: the storage itself."""
         return self._stack.A, self._stack.B
 
     @property
@@ -208,7 +209,7 @@ class AdapterPool:
     # -- serving -------------------------------------------------------------------
 
     def forward_add_batched(self, x: Array, sessions: Any, out: Array) -> Array:
-        """``out[b] += scaling * (x[b] @ A[s_b]) @ B[s_b]`` for ``x (n, in)``; one vectorised
+        """``out[b] += scaling * (x[b] @ A[s_b].T) @ B[s_b]`` for ``x (n, in)``; one vectorised
         call (one C call on native). ``sessions``: n session ids, or an integer array of
         slots from :meth:`indices`. Returns ``out`` (a new array on immutable libraries)."""
         with self._lock:
@@ -320,7 +321,7 @@ class AdapterPool:
                 fwd.append(ad.forward_calls)  # type: ignore[union-attr]
                 skipped.append(ad.skipped_updates)  # type: ignore[union-attr]
             r, i, o = self.rank, self.in_features, self.out_features
-            shapes = {"lora_A": (i, r), "lora_B": (r, o), "grad_A": (i, r), "grad_B": (r, o)}
+            shapes = {"lora_A": (r, i), "lora_B": (r, o), "grad_A": (r, i), "grad_B": (r, o)}
             arrays = {k: (host_np.stack(v) if v else host_np.zeros((0, *shapes[k]), dtype=self.dtype_name))
                       for k, v in stacks.items()}
             meta = {
@@ -339,9 +340,10 @@ class AdapterPool:
         where = str(path)
         if not isinstance(meta, dict) or meta.get("format") != POOL_FORMAT:
             raise CheckpointError(f"{where}: not an adapter-pool checkpoint")
-        if meta.get("version") != POOL_FORMAT_VERSION:
-            raise CheckpointError(f"{where}: format version {meta.get('version')!r} is not supported (this "
-                                  f"library reads version {POOL_FORMAT_VERSION})")
+        version = meta.get("version")
+        if version not in (1, POOL_FORMAT_VERSION):
+            raise CheckpointError(f"{where}: format version {version!r} is not supported (this "
+                                  f"library reads versions 1 to {POOL_FORMAT_VERSION})")
         try:
             i, o, r = meta["in_features"], meta["out_features"], meta["rank"]
             for k, v in (("in_features", i), ("out_features", o), ("rank", r)):
@@ -365,8 +367,11 @@ class AdapterPool:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
         dt = meta["dtype"]
-        host, _ = load_arrays(path, {"lora_A": ((n, i, r), dt), "lora_B": ((n, r, o), dt),
-                                     "grad_A": ((n, i, r), dt), "grad_B": ((n, r, o), dt)}, meta=meta)
+        a_side = (n, r, i) if version == POOL_FORMAT_VERSION else (n, i, r)
+        host, _ = load_arrays(path, {"lora_A": (a_side, dt), "lora_B": ((n, r, o), dt),
+                                     "grad_A": (a_side, dt), "grad_B": ((n, r, o), dt)}, meta=meta)
+        if version == 1:
+            host = a_side_from_v1(host)
         pool = cls(i, o, r, meta["alpha"], backend=backend, dtype=dt if dtype is None else dtype,
                    seed=meta["seed"] if isinstance(meta.get("seed"), int) else 0, init=meta["init"],
                    capacity=max(n, 1))

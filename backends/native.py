@@ -9,10 +9,10 @@ place and returns them. Every array is float32 NumPy; shapes must be exactly
 as stated (no broadcasting)::
 
     lora_forward_add(x, A, B, scaling, out) -> out
-        out += scaling * (x @ A) @ B
+        out += scaling * (x @ A.T) @ B
     lora_accumulate(x, grad_out, A, B, scaling, reward, gA, gB) -> (gA, gB)
-        gA += scaling * reward * x.T @ (grad_out @ B.T)
-        gB += scaling * reward * (x @ A).T @ grad_out
+        gA += scaling * reward * (grad_out @ B.T).T @ x
+        gB += scaling * reward * (x @ A.T).T @ grad_out
     lora_apply(param, grad, lr_over_count) -> (param, grad)
         param -= lr_over_count * grad; grad[...] = 0
     lora_apply_ewc(param, grad, inv_count, lr, lam, fisher, optimal, decay,
@@ -23,13 +23,13 @@ as stated (no broadcasting)::
         explicit: param[...] = param - lr*g - lr*lam*fisher*(param - optimal)
         grad[...] = 0
     lora_forward_add_batched(x, A_stack, B_stack, scaling, idx, out) -> out
-        out[b] += s[idx[b]] * (x[b] @ A_stack[idx[b]]) @ B_stack[idx[b]]
+        out[b] += s[idx[b]] * (x[b] @ A_stack[idx[b]].T) @ B_stack[idx[b]]
 
-Layouts: ``A`` is ``(in, r)`` and ``B`` is ``(r, out)``; ``A`` (and ``gA``)
-may be C-contiguous, or the transposed view of a C-contiguous ``(r, in)``
-array (rank-major, the kernels' preferred layout); likewise ``A_stack``
-``(m, in, r)`` may be C-contiguous or the ``.transpose(0, 2, 1)`` view of a
-C-contiguous ``(m, r, in)`` stack. ``x`` is one vector ``(in,)`` or a batch
+Layouts: ``A`` is ``(r, in)`` and ``B`` is ``(r, out)``; ``A`` (and ``gA``)
+may be C-contiguous (rank-major, the kernels' preferred layout, and the
+adapters' storage), or the transposed view of a C-contiguous ``(in, r)``
+array; likewise ``A_stack`` ``(m, r, in)`` may be C-contiguous or the
+``.transpose(0, 2, 1)`` view of a C-contiguous ``(m, in, r)`` stack. ``x`` is one vector ``(in,)`` or a batch
 ``(n, in)`` (the batched op: a batch); ``out`` / ``grad_out`` match it with
 ``out`` columns. ``scaling`` of the batched op is a number or an ``(m,)``
 array; ``idx`` holds integers in ``[0, m)``. The elementwise ops take any

@@ -38,13 +38,19 @@ S = ALPHA / RANK
 def _adapter(b: Any, dtype: str, A: np.ndarray, Bm: np.ndarray, rank: int = RANK, bias: np.ndarray | None = None):
     from adalora_core.lora import LoraAdapter
 
-    ad = LoraAdapter(A.shape[0], Bm.shape[1], rank, ALPHA, backend=b, dtype=dtype, use_bias=bias is not None)
+    ad = LoraAdapter(A.shape[1], Bm.shape[1], rank, ALPHA, backend=b, dtype=dtype, use_bias=bias is not None)
     ad.set_weights(_dev(b, A, dtype), _dev(b, Bm, dtype), None if bias is None else _dev(b, bias, dtype))
     return ad
 
 
 def _weights(d: _Draw, n_in: int = IN, n_out: int = OUT, r: int = RANK) -> tuple[np.ndarray, np.ndarray]:
-    return d.normal((n_in, r), 0.5), d.normal((r, n_out), 0.5)
+    """``A (r, in)``, ``B (r, out)``."""
+    return _rank_major(d.normal((n_in, r), 0.5)), d.normal((r, n_out), 0.5)
+
+
+def _rank_major(a: np.ndarray) -> np.ndarray:
+    """An A-side draw ``(in, r)`` as ``(r, in)``: the values the cases have always drawn, in A's shape."""
+    return np.ascontiguousarray(a.T)
 
 
 def _case(name: str, run: Callable, ref: Callable, tol: dict[str, float] = TOL, stateful: bool = False) -> dict:
@@ -219,8 +225,8 @@ def _ewc_inputs(dtype: str, seed: int):
     A, Bm = _weights(d)
     return {
         "A": A, "B": Bm,
-        "FA": d.uniform((IN, RANK), 0.0, 2.0), "FB": d.uniform((RANK, OUT), 0.0, 2.0),
-        "OA": A + d.normal((IN, RANK), 0.2), "OB": Bm + d.normal((RANK, OUT), 0.2),
+        "FA": _rank_major(d.uniform((IN, RANK), 0.0, 2.0)), "FB": d.uniform((RANK, OUT), 0.0, 2.0),
+        "OA": A + _rank_major(d.normal((IN, RANK), 0.2)), "OB": Bm + d.normal((RANK, OUT), 0.2),
         "xs": [d.normal((IN,)) for _ in range(3)], "gs": [d.normal((OUT,)) for _ in range(3)],
     }
 
@@ -302,7 +308,7 @@ def _ewc_window_case() -> list[dict]:
     def inputs(dtype):
         d = _Draw(1501, dtype)
         v = _ewc_inputs(dtype, 1502)
-        obs = [(d.normal((IN, RANK)), d.normal((RANK, OUT))) for _ in range(n)]
+        obs = [(_rank_major(d.normal((IN, RANK))), d.normal((RANK, OUT))) for _ in range(n)]
         return v, obs
 
     def run(b, dtype):
@@ -384,7 +390,7 @@ def _init_merge_cases() -> list[dict]:
 
     def ref_merge(dtype):
         A, Bm, W, Wt = merge_inputs(dtype)
-        d = S * (A @ Bm)
+        d = S * (A.T @ Bm)
         return {"in_out": W + d, "out_in": Wt + d.T}
 
     return [_case("microlora.init.golden", run_init, ref_init),

@@ -493,24 +493,24 @@ class ReferenceAllocator:
 
 
 def lora_forward(x, A, B, scaling, bias=None) -> np.ndarray:
-    """``y = scaling * (x @ A) @ B (+ bias)``; A (in, r), B (r, out); x (in,) or (n, in)."""
+    """``y = scaling * (x @ A.T) @ B (+ bias)``; A (r, in), B (r, out); x (in,) or (n, in)."""
     x, A, B = _f64(x), _f64(A), _f64(B)
-    y = float(scaling) * ((x @ A) @ B)
+    y = float(scaling) * ((x @ A.T) @ B)
     if bias is not None:
         y = y + _f64(bias)
     return y
 
 
 def lora_accumulate(x, grad_out, A, B, scaling, reward) -> tuple[np.ndarray, np.ndarray]:
-    """Gradient increments of ``y = s (x A) B`` for the upstream gradient ``reward * grad_out``.
+    """Gradient increments of ``y = s (x A.T) B`` for the upstream gradient ``reward * grad_out``.
 
-    ``dB = s * reward * sum_n outer(x_n @ A, grad_out_n)``      (r, out)
-    ``dA = s * reward * sum_n outer(x_n, grad_out_n @ B.T)``     (in, r)
+    ``dB = s * reward * sum_n outer(x_n @ A.T, grad_out_n)``    (r, out)
+    ``dA = s * reward * sum_n outer(grad_out_n @ B.T, x_n)``    (r, in)
 
     x (in,) with grad_out (out,), or x (n, in) with grad_out (n, out). Returns ``(dA, dB)``.
     """
     x, go, A, B = _f64(x), _f64(grad_out), _f64(A), _f64(B)
-    X = x.reshape(-1, A.shape[0])
+    X = x.reshape(-1, A.shape[1])
     G = go.reshape(-1, B.shape[1])
     if X.shape[0] != G.shape[0]:
         raise ValueError(f"batch mismatch: x has {X.shape[0]} rows, grad_out has {G.shape[0]}")
@@ -518,8 +518,8 @@ def lora_accumulate(x, grad_out, A, B, scaling, reward) -> tuple[np.ndarray, np.
     dA = np.zeros_like(A)
     dB = np.zeros_like(B)
     for n in range(X.shape[0]):
-        dB += c * np.outer(X[n] @ A, G[n])
-        dA += c * np.outer(X[n], G[n] @ B.T)
+        dB += c * np.outer(X[n] @ A.T, G[n])
+        dA += c * np.outer(G[n] @ B.T, X[n])
     return dA, dB
 
 
@@ -588,25 +588,25 @@ def ewc_apply_proximal(theta, g_mean, lr, lam, F, theta_star) -> np.ndarray:
 
 
 def golden_init(in_features: int, r: int) -> np.ndarray:
-    """Deterministic golden-ratio init of A (in, r).
+    """Deterministic golden-ratio init of A (r, in).
 
-    ``A[i, j] = ((k * 0.618033988749895) % 1 - 0.5) * 2 * sqrt(2 / in) * 0.01`` with
+    ``A[j, i] = ((k * 0.618033988749895) % 1 - 0.5) * 2 * sqrt(2 / in) * 0.01`` with
     ``k = i * r + j`` (Python float arithmetic, evaluated left to right).
     """
     in_features, r = int(in_features), int(r)
-    A = np.zeros((in_features, r), dtype=np.float64)
+    A = np.zeros((r, in_features), dtype=np.float64)
     scale = math.sqrt(2.0 / in_features)
     for i in range(in_features):
         for j in range(r):
             k = i * r + j
-            A[i, j] = ((k * GOLDEN) % 1.0 - 0.5) * 2.0 * scale * 0.01
+            A[j, i] = ((k * GOLDEN) % 1.0 - 0.5) * 2.0 * scale * 0.01
     return A
 
 
 def batched_forward(x, A_stack, B_stack, scaling, idx) -> np.ndarray:
-    """Per-request adapters (BGMV shape): ``out[b] = s * (x[b] @ A[idx[b]]) @ B[idx[b]]``.
+    """Per-request adapters (BGMV shape): ``out[b] = s * (x[b] @ A[idx[b]].T) @ B[idx[b]]``.
 
-    x (batch, in); A_stack (n_adapters, in, r); B_stack (n_adapters, r, out);
+    x (batch, in); A_stack (n_adapters, r, in); B_stack (n_adapters, r, out);
     idx (batch,) integers. ``scaling`` is one number, or a (n_adapters,) array of
     per-adapter scalings (indexed by ``idx[b]``). Returns (batch, out).
     """
@@ -619,7 +619,7 @@ def batched_forward(x, A_stack, B_stack, scaling, idx) -> np.ndarray:
     for b in range(x.shape[0]):
         a = int(idx[b])
         s = float(s_arr[a]) if s_arr is not None else float(scaling)
-        out[b] = s * ((x[b] @ As[a]) @ Bs[a])
+        out[b] = s * ((x[b] @ As[a].T) @ Bs[a])
     return out
 
 

@@ -266,9 +266,9 @@ _TORCH_STATE = "from adalora_core.backends.torch_nn import _parity as P; om = P.
      "more than a training state of this model can"),
     ("from adalora_core import MicroLoRA, MicroLoraConfig",
      "MicroLoRA(MicroLoraConfig(rank=1, in_features=8, out_features=8, target_modules=['q_proj'])).save(PATH)",
-     "q_proj.lora_A", "MicroLoRA.load(PATH)", "expected (8, 1)"),
+     "q_proj.lora_A", "MicroLoRA.load(PATH)", "expected (1, 8)"),
     ("from adalora_core import AdapterPool", "pool = AdapterPool(8, 8); pool.create('s'); pool.save(PATH)",
-     "lora_A", "AdapterPool.load(PATH)", "expected (1, 8, 2)"),
+     "lora_A", "AdapterPool.load(PATH)", "expected (1, 2, 8)"),
 ])
 def test_a_huge_state_file_is_refused_before_it_is_read(tmp_path, setup, save, key, call, why):
     """Training states, MicroLoRA and pool checkpoints: a file with one array grown to 3 GiB (header, offsets and

@@ -31,7 +31,7 @@ def f32(a):
 
 def make(backend, seed=0):
     rng = np.random.default_rng(seed)
-    A, B = f32(rng.normal(0, 0.5, (D_IN, RANK))), f32(rng.normal(0, 0.5, (RANK, D_OUT)))
+    A, B = f32(rng.normal(0, 0.5, (RANK, D_IN))), f32(rng.normal(0, 0.5, (RANK, D_OUT)))
     ad = LoraAdapter(D_IN, D_OUT, RANK, 4.0, backend=backend)
     ad.set_weights(dev(backend, A), dev(backend, B))
     return ad, A, B
@@ -61,7 +61,7 @@ def test_from_adapter(backend):
     np.testing.assert_array_equal(host(backend, st.fisher_b), 0)
     np.testing.assert_array_equal(host(backend, st.optimal_a), A)
     np.testing.assert_array_equal(host(backend, st.optimal_b), B)
-    assert st.fisher_a.shape == (D_IN, RANK) and st.optimal_b.shape == (RANK, D_OUT)
+    assert st.fisher_a.shape == (RANK, D_IN) and st.optimal_b.shape == (RANK, D_OUT)
     # the state owns copies: a later step does not move theta*
     ad.accumulate_gradient(dev(backend, np.ones(D_IN)), dev(backend, np.ones(D_OUT)))
     ad.apply_gradients(0.1)
@@ -72,9 +72,9 @@ def test_update_fisher_ema_and_observe(backend):
     ad, _, _ = make(backend)
     st = EwcState.from_adapter(ad, EwcConfig(decay=0.9))
     rng = np.random.default_rng(1)
-    Fa, Fb = np.zeros((D_IN, RANK)), np.zeros((RANK, D_OUT))
+    Fa, Fb = np.zeros((RANK, D_IN)), np.zeros((RANK, D_OUT))
     for decay in (0.9, 0.5, None):
-        ga, gb = f32(rng.normal(size=(D_IN, RANK))), f32(rng.normal(size=(RANK, D_OUT)))
+        ga, gb = f32(rng.normal(size=(RANK, D_IN))), f32(rng.normal(size=(RANK, D_OUT)))
         if decay is None:
             st.observe(dev(backend, ga), dev(backend, gb))
             decay = 0.9
@@ -90,7 +90,7 @@ def test_windowed_fisher_and_normalisation(backend):
     ad, A, B = make(backend)
     st = EwcState.from_adapter(ad, EwcConfig(mode="window", window=K, alpha=alpha, normalise_at_task_boundary=True))
     rng = np.random.default_rng(2)
-    F = [np.zeros((D_IN, RANK)), np.zeros((RANK, D_OUT))]
+    F = [np.zeros((RANK, D_IN)), np.zeros((RANK, D_OUT))]
     S = [np.zeros_like(F[0]), np.zeros_like(F[1])]
     for t in range(8):
         g = [f32(rng.normal(size=f.shape)) for f in F]
@@ -120,7 +120,7 @@ def test_minmax_constant_is_zero(backend):
 def test_penalty_and_grad(backend):
     ad, A, B = make(backend)
     rng = np.random.default_rng(3)
-    Fa, Fb = f32(rng.uniform(0, 2, (D_IN, RANK))), f32(rng.uniform(0, 2, (RANK, D_OUT)))
+    Fa, Fb = f32(rng.uniform(0, 2, (RANK, D_IN))), f32(rng.uniform(0, 2, (RANK, D_OUT)))
     Oa, Ob = f32(A + rng.normal(0, 0.1, A.shape)), f32(B + rng.normal(0, 0.1, B.shape))
     st = EwcState(*(dev(backend, a) for a in (Fa, Fb, Oa, Ob)), config=EwcConfig(lam=0.3))
     want = R.ewc_penalty(A, Oa, Fa, 0.3) + R.ewc_penalty(B, Ob, Fb, 0.3)
@@ -139,7 +139,7 @@ def test_apply_with_ewc_against_reference(backend, update, feed):
     lr, lam, decay = 0.2, 1.5, 0.7
     ad, A, B = make(backend, 4)
     rng = np.random.default_rng(5)
-    Fa, Fb = f32(rng.uniform(0, 1, (D_IN, RANK))), f32(rng.uniform(0, 1, (RANK, D_OUT)))
+    Fa, Fb = f32(rng.uniform(0, 1, (RANK, D_IN))), f32(rng.uniform(0, 1, (RANK, D_OUT)))
     Oa, Ob = f32(A + rng.normal(0, 0.2, A.shape)), f32(B + rng.normal(0, 0.2, B.shape))
     st = EwcState(*(dev(backend, a) for a in (Fa, Fb, Oa, Ob)),
                   config=EwcConfig(decay=decay, update=update, update_fisher=feed, lam=lam))
@@ -163,8 +163,8 @@ def test_proximal_is_stable_where_explicit_diverges(backend):
     results = {}
     for update in ("proximal", "explicit"):
         ad, _, _ = make(backend, 6)
-        st = EwcState(dev(backend, np.full((D_IN, RANK), 3.0)), dev(backend, np.full((RANK, D_OUT), 3.0)),
-                      dev(backend, np.zeros((D_IN, RANK))), dev(backend, np.zeros((RANK, D_OUT))),
+        st = EwcState(dev(backend, np.full((RANK, D_IN), 3.0)), dev(backend, np.full((RANK, D_OUT), 3.0)),
+                      dev(backend, np.zeros((RANK, D_IN))), dev(backend, np.zeros((RANK, D_OUT))),
                       config=EwcConfig(update=update, update_fisher=False))
         x, g = dev(backend, np.zeros(D_IN)), dev(backend, np.zeros(D_OUT))
         for _ in range(10):
@@ -212,8 +212,8 @@ def test_ewc_off_and_mismatched_state(backend):
         ad.apply_gradients_with_ewc(0.1, st)
     assert ad.pending_updates == 1
     with pytest.raises(ValueError, match="shape"):
-        EwcState(dev(backend, np.zeros((D_IN, 2))), dev(backend, np.zeros((3, D_OUT))),
-                 dev(backend, np.zeros((D_IN, 2))), dev(backend, np.zeros((2, D_OUT))))
+        EwcState(dev(backend, np.zeros((2, D_IN))), dev(backend, np.zeros((3, D_OUT))),
+                 dev(backend, np.zeros((2, D_IN))), dev(backend, np.zeros((2, D_OUT))))
 
 
 # ---------------------------------------------------------------------------
@@ -288,8 +288,8 @@ def test_explicit_step_that_overflows_is_skipped_and_counted(backend, mode):
     """lr * lam * F = 1e40 overflows float32 in the explicit step: the step is undone (weights,
     Fisher, window sums), counted in skipped_updates with a warning; nothing non-finite is written."""
     ad, _, _ = make(backend, 8)
-    st = EwcState(dev(backend, np.full((D_IN, RANK), 1e36)), dev(backend, np.full((RANK, D_OUT), 1e36)),
-                  dev(backend, np.zeros((D_IN, RANK))), dev(backend, np.zeros((RANK, D_OUT))),
+    st = EwcState(dev(backend, np.full((RANK, D_IN), 1e36)), dev(backend, np.full((RANK, D_OUT), 1e36)),
+                  dev(backend, np.zeros((RANK, D_IN))), dev(backend, np.zeros((RANK, D_OUT))),
                   config=EwcConfig(update="explicit", mode=mode, window=3, decay=0.5))
     rng = np.random.default_rng(9)
     x, g = dev(backend, rng.normal(size=D_IN)), dev(backend, rng.normal(size=D_OUT))
@@ -320,7 +320,7 @@ def test_fisher_overflow_is_skipped_and_counted(backend):
     """A finite gradient whose square overflows the Fisher (proximal step, EWC fed): skipped, counted."""
     m = MicroLoRA(MicroLoraConfig(rank=2, in_features=D_IN, out_features=D_OUT, target_modules=("q_proj",)),
                   backend=backend, ewc=EwcConfig(decay=0.5))
-    m.adapter("q_proj").set_weights(dev(backend, np.full((D_IN, RANK), 0.5)), dev(backend, np.full((RANK, D_OUT), 1.0)))
+    m.adapter("q_proj").set_weights(dev(backend, np.full((RANK, D_IN), 0.5)), dev(backend, np.full((RANK, D_OUT), 1.0)))
     m.adapt(dev(backend, np.full(D_IN, 1e10)), AdaptFeedback(1.0, gradient_estimate=[1e10] * D_OUT))
     with pytest.warns(AdaLoraWarning, match="not finite"):
         assert m.apply_updates(1e-30) == 0
@@ -335,9 +335,8 @@ def test_step_is_the_ewc_op_on_the_adapter_arrays(backend):
     ad, A, B = make(backend)
     st = EwcState.from_adapter(ad, EwcConfig(decay=0.9))
     rng = np.random.default_rng(3)
-    gA, gB = f32(rng.normal(size=(D_IN, RANK))), f32(rng.normal(size=(RANK, D_OUT)))
-    A_arrays = [dev(backend, a.T).T for a in (A, gA)]  # A's side rank-major, as the adapter stores it
-    got = st.step(*A_arrays, dev(backend, B), dev(backend, gB), 0.5, 0.1, 2.0, update_fisher=True, proximal=True)
+    gA, gB = f32(rng.normal(size=(RANK, D_IN))), f32(rng.normal(size=(RANK, D_OUT)))
+    got = st.step(dev(backend, A), dev(backend, gA), dev(backend, B), dev(backend, gB), 0.5, 0.1, 2.0, update_fisher=True, proximal=True)
     for theta, g, new, newg, F in ((A, gA, got[0], got[1], st.fisher_a), (B, gB, got[2], got[3], st.fisher_b)):
         Fw = R.ewc_fisher_ema(np.zeros_like(theta), g * 0.5, 0.9)
         np.testing.assert_allclose(host(backend, F), Fw, rtol=1e-5, atol=1e-9)
@@ -349,11 +348,11 @@ def test_step_is_the_ewc_op_on_the_adapter_arrays(backend):
 def test_snapshot_restore(backend):
     ad, _, _ = make(backend)
     st = EwcState.from_adapter(ad, EwcConfig(mode="window", window=3))
-    st.observe(dev(backend, np.ones((D_IN, RANK))), dev(backend, np.ones((RANK, D_OUT))))
+    st.observe(dev(backend, np.ones((RANK, D_IN))), dev(backend, np.ones((RANK, D_OUT))))
     snap = st.snapshot()
     before = {k: host(backend, a).copy() for k, a in st.state_arrays().items()}
-    st.observe(dev(backend, np.ones((D_IN, RANK))), dev(backend, np.ones((RANK, D_OUT))))
-    st.observe(dev(backend, np.ones((D_IN, RANK))), dev(backend, np.ones((RANK, D_OUT))))  # folds
+    st.observe(dev(backend, np.ones((RANK, D_IN))), dev(backend, np.ones((RANK, D_OUT))))
+    st.observe(dev(backend, np.ones((RANK, D_IN))), dev(backend, np.ones((RANK, D_OUT))))  # folds
     assert st.window_steps == 0 and host(backend, st.fisher_a).any()
     st.restore(snap)
     assert st.window_steps == 1

@@ -37,7 +37,7 @@ def small(rank=2, **kw):
 
 def weights(seed, n_in=D_IN, n_out=D_OUT, r=2):
     rng = np.random.default_rng(seed)
-    return rng.normal(0, 0.5, (n_in, r)), rng.normal(0, 0.5, (r, n_out))
+    return rng.normal(0, 0.5, (r, n_in)), rng.normal(0, 0.5, (r, n_out))
 
 
 def state(m):
@@ -131,7 +131,7 @@ def test_init_kaiming_b_zero_and_seeded(backend):
     bound = math.sqrt(2.0 / D_IN)
     for mod in ("q_proj", "v_proj"):
         A = host(backend, m.adapter(mod).A)
-        assert A.shape == (D_IN, 2) and np.all(np.abs(A) <= bound) and A.std() > bound / 4
+        assert A.shape == (2, D_IN) and np.all(np.abs(A) <= bound) and A.std() > bound / 4
         np.testing.assert_array_equal(host(backend, m.adapter(mod).B), 0)
         np.testing.assert_array_equal(A, host(backend, m2.adapter(mod).A))
         assert not np.array_equal(A, host(backend, m3.adapter(mod).A))
@@ -174,7 +174,7 @@ def test_native_hot_path_uses_the_c_kernels():
     ad = m.adapter("q_proj")
     assert all(ad.uses_override.values())
     assert ad._fwd is native.lora_forward_add
-    assert not ad.A.flags.c_contiguous and ad.A.T.flags.c_contiguous  # rank-major storage
+    assert ad.A.flags.c_contiguous  # the rank-major storage, handed to C as it is
     m64 = MicroLoRA(small(), backend="native", dtype="float64")  # C kernels are float32: defaults
     assert not any(m64.adapter("q_proj").uses_override.values())
 
@@ -207,7 +207,7 @@ def test_delta_weight_and_merge_default_to_out_in(backend):
     A, B = weights(5)
     ad = m.adapter("q_proj")
     ad.set_weights(dev(backend, A), dev(backend, B))
-    want = 2.0 * (A @ B).T
+    want = 2.0 * (A.T @ B).T
     np.testing.assert_allclose(host(backend, ad.delta_weight()), want, rtol=1e-5, atol=1e-6)
     W = np.random.default_rng(6).normal(size=(D_OUT, D_IN))
     np.testing.assert_allclose(host(backend, m.merge_into_base("q_proj", dev(backend, W))), W + want, rtol=1e-5,
@@ -302,9 +302,9 @@ def test_dropout_applies_to_adapt_only(backend):
     ga = host(backend, a.adapter("q_proj").grad_A)
     np.testing.assert_array_equal(ga, host(backend, b2.adapter("q_proj").grad_A))  # seeded
     gp = host(backend, plain.adapter("q_proj").grad_A)
-    zero_rows = np.all(ga == 0, axis=1)
-    assert 0 < zero_rows.sum() < D_IN  # some inputs dropped
-    np.testing.assert_allclose(ga[~zero_rows], 2 * gp[~zero_rows], rtol=1e-5)  # inverted dropout
+    dropped = np.all(ga == 0, axis=0)  # an input dropped: its column of grad_A (r, in) is zero
+    assert 0 < dropped.sum() < D_IN  # some inputs dropped
+    np.testing.assert_allclose(ga[:, ~dropped], 2 * gp[:, ~dropped], rtol=1e-5)  # inverted dropout
     np.testing.assert_array_equal(host(backend, a.forward(x, "q_proj")), host(backend, plain.forward(x, "q_proj")))
 
 
@@ -498,7 +498,7 @@ def test_merge_into_both_layouts(backend):
     A, B = weights(23)
     ad.set_weights(dev(backend, A), dev(backend, B))
     W = np.random.default_rng(24).normal(size=(D_IN, D_OUT))
-    delta = 2.0 * A.astype(np.float32).astype(np.float64) @ B.astype(np.float32).astype(np.float64)
+    delta = 2.0 * A.astype(np.float32).astype(np.float64).T @ B.astype(np.float32).astype(np.float64)
     w1 = ad.merge_into(dev(backend, W), "in_out")
     np.testing.assert_allclose(host(backend, w1), W.astype(np.float32) + delta, rtol=1e-5, atol=1e-5)
     w2 = ad.merge_into(dev(backend, W.T), "out_in")
@@ -607,6 +607,27 @@ def test_load_in_another_dtype(tmp_path):
     np.testing.assert_array_equal(m2.adapter("q_proj").A, m.adapter("q_proj").A.astype(np.float64))
 
 
+def test_loads_format_version_1(tmp_path):
+    """Version 1 stored the A-side arrays (lora_A, grad_A, ewc.*_a) as (in, r): read and transposed."""
+    m = _trained("numpy")
+    m.save(tmp_path / "v2")
+    arrays, meta = load_arrays(tmp_path / "v2")
+    assert meta["version"] == FORMAT_VERSION == 2 and arrays["q_proj.ewc.window_a"].shape == (2, D_IN)
+    a_side = ("lora_A", "grad_A", "fisher_a", "optimal_a", "window_a")
+    v1 = {k: np.ascontiguousarray(a.T) if k.endswith(a_side) else a for k, a in arrays.items()}
+    save_arrays(tmp_path / "v1", v1, {**meta, "version": 1})
+    m1 = MicroLoRA.load(tmp_path / "v1", backend="numpy")
+    for mod in m.modules:
+        for k, a in m.adapter(mod).state_arrays().items():
+            np.testing.assert_array_equal(m1.adapter(mod).state_arrays()[k], a, err_msg=k)
+        for k, a in m.ewc_state(mod).state_arrays().items():
+            np.testing.assert_array_equal(m1.ewc_state(mod).state_arrays()[k], a, err_msg=k)
+    assert m1.pending_updates("q_proj") == m.pending_updates("q_proj") > 0
+    save_arrays(tmp_path / "v1_as_v2", v1, meta)  # (in, r) arrays in a version-2 file are refused
+    with pytest.raises(CheckpointError, match="shape"):
+        MicroLoRA.load(tmp_path / "v1_as_v2")
+
+
 def _rewrite(path, edit_arrays=None, edit_meta=None):
     arrays, meta = load_arrays(path)
     arrays = {k: np.array(v) for k, v in arrays.items()}
@@ -636,7 +657,7 @@ def test_corrupt_saves(tmp_path, corruption, match):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif corruption == "shape":
-        _rewrite(path, lambda a: a.__setitem__("q_proj.lora_A", np.zeros((D_IN, 3), np.float32)))
+        _rewrite(path, lambda a: a.__setitem__("q_proj.lora_A", np.zeros((3, D_IN), np.float32)))
     elif corruption == "dtype":
         _rewrite(path, lambda a: a.__setitem__("q_proj.lora_B", a["q_proj.lora_B"].astype(np.float64)))
     elif corruption == "missing":
@@ -650,7 +671,7 @@ def test_corrupt_saves(tmp_path, corruption, match):
     elif corruption == "counter":
         _rewrite(path, edit_meta=lambda m: m.__setitem__("adaptation_count", -3))
     elif corruption == "fisher":
-        _rewrite(path, lambda a: a.__setitem__("q_proj.ewc.fisher_a", -np.ones((D_IN, 2), np.float32)))
+        _rewrite(path, lambda a: a.__setitem__("q_proj.ewc.fisher_a", -np.ones((2, D_IN), np.float32)))
     elif corruption == "nan":
         def poison(a):
             a["q_proj.lora_A"][0, 0] = np.nan

@@ -27,7 +27,7 @@ def trained(rank=2, alpha=3.0, seed=0, **kw):
                                         target_modules=("q_proj", "v_proj"), **kw), backend="torch")
     g = torch.Generator().manual_seed(seed)
     for name in m.modules:
-        m.adapter(name).set_weights(torch.randn(16, rank, generator=g), torch.randn(rank, 16, generator=g))
+        m.adapter(name).set_weights(torch.randn(rank, 16, generator=g), torch.randn(rank, 16, generator=g))
     return m
 
 
@@ -79,6 +79,9 @@ def test_load_peft_round_trip_and_peft_lora_adapters(tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     micro = ac.MicroLoRA.load_peft(tmp_path / "peft", backend="torch")
     assert micro.modules == ("q_proj",) and micro.config.scaling == 2.5
+    peft_q = pm.base_model.model.model.layers[1].self_attn.q_proj
+    assert torch.equal(micro.adapter("q_proj").A, peft_q.lora_A["default"].weight)  # one layout: (r, in)
+    assert torch.equal(micro.adapter("q_proj").B, peft_q.lora_B["default"].weight.T)
     layer = {"q_proj": ["model.layers.1.self_attn.q_proj"]}
     micro.save_peft(tmp_path / "again", layer)
     ours = served_by_us(micro, T.build("llama"))

@@ -33,7 +33,7 @@ def _build(backend):
     # exactly representable weights and inputs for the shared module: every partial sum of
     # its gradient is exact in float32, so the sum does not depend on the threads' order
     rng = np.random.default_rng(12)
-    A = (rng.integers(-1, 2, size=(D, 2)) / 4).astype(np.float32)
+    A = (rng.integers(-1, 2, size=(2, D)) / 4).astype(np.float32)
     B = (rng.integers(-1, 2, size=(2, D)) / 4).astype(np.float32)
     m.adapter(SHARED).set_weights(A, B)
     m.start_new_task(SHARED)
@@ -160,7 +160,7 @@ def test_no_torn_reads(name):
     backend = get_backend(name)
     m = MicroLoRA(MicroLoraConfig(rank=2, in_features=256, out_features=256), backend=backend, ewc=None)
     rng = np.random.default_rng(5)
-    sets = [tuple(rng.normal(size=s).astype(np.float32) for s in ((256, 2), (2, 256))) for _ in range(2)]
+    sets = [tuple(rng.normal(size=s).astype(np.float32) for s in ((2, 256), (2, 256))) for _ in range(2)]
     x = rng.normal(size=256).astype(np.float32)
     ys = []
     for A, B in sets:

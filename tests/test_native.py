@@ -43,9 +43,10 @@ def f32(rng, *shape):
     return rng.uniform(-1, 1, size=shape).astype(np.float32)
 
 
-def rank_major(A):
-    """The same (in, r) matrix stored rank-major: A.T is C-contiguous."""
-    return np.ascontiguousarray(A.T).T
+def as_arg(A, layout):
+    """The (in, r) draw ``A`` as the ops take it, ``(r, in)``: C-contiguous ("rank", rank-major,
+    the adapters' storage) or the transposed view of the C-contiguous draw ("row")."""
+    return np.ascontiguousarray(A.T) if layout == "rank" else A.T
 
 
 def assert_close(got, want, bound, terms):
@@ -75,13 +76,11 @@ def test_forward_add(isa, ops, in_f, out_f, r, batch, layout):
     shape_x = (in_f,) if batch is None else (batch, in_f)
     x, A, B = f32(rng, *shape_x), f32(rng, in_f, r), f32(rng, r, out_f)
     out = f32(rng, *shape_x[:-1], out_f)
-    if layout == "rank":
-        A = rank_major(A)
     s = 0.75
     x64, A64, B64 = (a.astype(np.float64) for a in (x, A, B))
     want = out + s * (x64 @ A64) @ B64
     bound = s * (np.abs(x64) @ np.abs(A64)) @ np.abs(B64)
-    ops["lora_forward_add"](x, A, B, s, out)
+    ops["lora_forward_add"](x, as_arg(A, layout), B, s, out)
     assert out.dtype == np.float32 and out.shape == want.shape
     assert_close(out, want, bound, in_f + r + 4)
 
@@ -96,8 +95,6 @@ def test_accumulate(isa, ops, in_f, out_f, r, batch, layout):
     x, g = f32(rng, *shape_x), f32(rng, *shape_x[:-1], out_f)
     A, B = f32(rng, in_f, r), f32(rng, r, out_f)
     gA, gB = f32(rng, in_f, r), f32(rng, r, out_f)
-    if layout == "rank":
-        A, gA = rank_major(A), rank_major(gA)
     s, reward = 0.5, -1.5
     c = s * reward
     x64, g64, A64, B64 = (
@@ -108,12 +105,11 @@ def test_accumulate(isa, ops, in_f, out_f, r, batch, layout):
     wantB = gB + c * (x64 @ A64).T @ g64
     boundA = abs(c) * np.abs(x64).T @ (np.abs(g64) @ np.abs(B64).T)
     boundB = abs(c) * (np.abs(x64) @ np.abs(A64)).T @ np.abs(g64)
-    ops["lora_accumulate"](x, g, A, B, s, reward, gA, gB)
+    gA_arg = as_arg(gA, layout)
+    ops["lora_accumulate"](x, g, as_arg(A, layout), B, s, reward, gA_arg, gB)
     n = 1 if batch is None else batch
-    assert_close(gA, wantA, boundA, in_f + out_f + n + 4)
+    assert_close(gA_arg.T, wantA, boundA, in_f + out_f + n + 4)
     assert_close(gB, wantB, boundB, in_f + out_f + n + 4)
-    if layout == "rank":  # still rank-major after the update
-        assert gA.T.flags.c_contiguous
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (17, 2), (2, 4097), (768, 2)])
@@ -162,8 +158,9 @@ def test_forward_add_batched(isa, ops, in_f, out_f, r, per_adapter_scale, layout
     n, m = 9, 4
     x, out = f32(rng, n, in_f), f32(rng, n, out_f)
     A_stack, B_stack = f32(rng, m, in_f, r), f32(rng, m, r, out_f)
+    A_arg = A_stack.transpose(0, 2, 1)  # (m, r, in): a view of the (m, in, r) draw ("row")
     if layout == "rank":
-        A_stack = np.ascontiguousarray(A_stack.transpose(0, 2, 1)).transpose(0, 2, 1)
+        A_arg = np.ascontiguousarray(A_arg)
     idx = rng.integers(0, m, size=n).astype(np.int64)
     scaling = np.float32([0.5, -1.0, 2.0, 0.25]) if per_adapter_scale else 0.75
     s = scaling[idx] if per_adapter_scale else np.full(n, scaling)
@@ -177,19 +174,19 @@ def test_forward_add_batched(isa, ops, in_f, out_f, r, per_adapter_scale, layout
         )
         want[b] += s[b] * (x64 @ A64) @ B64
         bound[b] = abs(s[b]) * (np.abs(x64) @ np.abs(A64)) @ np.abs(B64)
-    ops["lora_forward_add_batched"](x, A_stack, B_stack, scaling, idx, out)
+    ops["lora_forward_add_batched"](x, A_arg, B_stack, scaling, idx, out)
     assert_close(out, want, bound, in_f + r + 4)
 
 
 @pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf])
 def test_non_finite_propagates(isa, special):
     rng = np.random.default_rng(1)
-    x, A, B = f32(rng, 33), f32(rng, 33, 2), f32(rng, 2, 9)
+    x, A, B = f32(rng, 33), f32(rng, 2, 33), f32(rng, 2, 9)
     x[5] = special
     out = np.zeros(9, np.float32)
     native.lora_forward_add(x, A, B, 1.0, out)
     with np.errstate(invalid="ignore", over="ignore"):
-        want = (x.astype(np.float64) @ A) @ B
+        want = (x.astype(np.float64) @ A.T) @ B
     np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
     np.testing.assert_array_equal(np.isinf(out), np.isinf(want))
     finite = np.isfinite(want)
@@ -200,14 +197,14 @@ def test_empty_sizes_are_no_ops(ops):
     out = np.ones((0, 4), np.float32)
     ops["lora_forward_add"](
         np.ones((0, 3), np.float32),
-        np.ones((3, 2), np.float32),
+        np.ones((2, 3), np.float32),
         np.ones((2, 4), np.float32),
         1.0,
         out,
     )
     out = np.ones(4, np.float32)
     ops["lora_forward_add"](
-        np.ones(0, np.float32), np.ones((0, 2), np.float32), np.ones((2, 4), np.float32), 1.0, out
+        np.ones(0, np.float32), np.ones((2, 0), np.float32), np.ones((2, 4), np.float32), 1.0, out
     )
     assert (out == 1).all()
     p = np.ones(0, np.float32)
@@ -216,22 +213,22 @@ def test_empty_sizes_are_no_ops(ops):
 
 def test_read_only_inputs_are_fine(ops):
     rng = np.random.default_rng(2)
-    x, A, B = f32(rng, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    x, A, B = f32(rng, 16), f32(rng, 2, 16), f32(rng, 2, 8)
     for a in (x, A, B):
         a.flags.writeable = False
     out = np.zeros(8, np.float32)
     ops["lora_forward_add"](x, A, B, 1.0, out)
-    np.testing.assert_allclose(out, (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, (x.astype(np.float64) @ A.T) @ B, rtol=1e-5, atol=1e-6)
 
 
 def test_numpy_scalars_and_ints_as_numbers():
     rng = np.random.default_rng(3)
-    x, A, B = f32(rng, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    x, A, B = f32(rng, 16), f32(rng, 2, 16), f32(rng, 2, 8)
     for s in (np.float32(0.5), np.float64(0.5), 1, True):
         out = np.zeros(8, np.float32)
         native.lora_forward_add(x, A, B, s, out)
         np.testing.assert_allclose(
-            out, float(s) * (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6
+            out, float(s) * (x.astype(np.float64) @ A.T) @ B, rtol=1e-5, atol=1e-6
         )
     p, g = f32(rng, 4), f32(rng, 4)
     F, o = np.abs(f32(rng, 4)), f32(rng, 4)
@@ -242,8 +239,8 @@ def test_numpy_scalars_and_ints_as_numbers():
 def test_threads_share_read_only_adapter():
     """Kernels release the GIL; concurrent calls with separate outputs agree."""
     rng = np.random.default_rng(4)
-    x, A, B = f32(rng, 8, 512), f32(rng, 512, 2), f32(rng, 2, 512)
-    want = (x.astype(np.float64) @ A) @ B
+    x, A, B = f32(rng, 8, 512), f32(rng, 2, 512), f32(rng, 2, 512)
+    want = (x.astype(np.float64) @ A.T) @ B
     outs = [np.zeros((8, 512), np.float32) for _ in range(4)]
 
     def work(out):
@@ -266,7 +263,7 @@ def test_threads_share_read_only_adapter():
 
 
 def _fwd_args(rng, in_f=16, r=2, out_f=8):
-    return f32(rng, in_f), f32(rng, in_f, r), f32(rng, r, out_f), 0.5, np.zeros(out_f, np.float32)
+    return f32(rng, in_f), f32(rng, r, in_f), f32(rng, r, out_f), 0.5, np.zeros(out_f, np.float32)
 
 
 def _untouched(op, args, out_index, exc, match):
@@ -314,7 +311,7 @@ def _untouched(op, args, out_index, exc, match):
         (
             lambda a: a.__setitem__(2, np.zeros((3, 8), np.float32)),
             ValueError,
-            r"B must be \(r, out\)",
+            r"A is \(r, in\) = \(2, 16\) but B is \(3, 8\); B must be \(r, out\)",
         ),
         (lambda a: a.__setitem__(4, np.zeros(9, np.float32)), ValueError, "out has 9 columns"),
         (
@@ -324,7 +321,7 @@ def _untouched(op, args, out_index, exc, match):
         ),
         (
             lambda a: (
-                a.__setitem__(1, np.zeros((16, 0), np.float32)),
+                a.__setitem__(1, np.zeros((0, 16), np.float32)),
                 a.__setitem__(2, np.zeros((0, 8), np.float32)),
             ),
             ValueError,
@@ -342,7 +339,7 @@ def test_forward_add_rejects(change, exc, match):
 
 def test_forward_add_rejects_batch_row_mismatch():
     rng = np.random.default_rng(6)
-    x, A, B = f32(rng, 3, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    x, A, B = f32(rng, 3, 16), f32(rng, 2, 16), f32(rng, 2, 8)
     _untouched(
         native.lora_forward_add,
         [x, A, B, 1.0, np.zeros((4, 8), np.float32)],
@@ -355,7 +352,7 @@ def test_forward_add_rejects_batch_row_mismatch():
 def test_forward_add_rejects_overlap():
     rng = np.random.default_rng(7)
     buf = f32(rng, 32)
-    A, B = f32(rng, 16, 2), f32(rng, 2, 16)
+    A, B = f32(rng, 2, 16), f32(rng, 2, 16)
     _untouched(
         native.lora_forward_add, [buf[:16], A, B, 1.0, buf[8:24]], 4, ValueError, "out overlaps x"
     )
@@ -368,7 +365,7 @@ def test_unaligned_input_rejected():
     rng = np.random.default_rng(8)
     _untouched(
         native.lora_forward_add,
-        [x, f32(rng, 16, 2), f32(rng, 2, 8), 1.0, np.zeros(8, np.float32)],
+        [x, f32(rng, 2, 16), f32(rng, 2, 8), 1.0, np.zeros(8, np.float32)],
         4,
         ValueError,
         "not aligned",
@@ -377,12 +374,12 @@ def test_unaligned_input_rejected():
 
 def test_accumulate_rejects():
     rng = np.random.default_rng(9)
-    x, g, A, B = f32(rng, 16), f32(rng, 8), f32(rng, 16, 2), f32(rng, 2, 8)
-    gA, gB = np.zeros((16, 2), np.float32), np.zeros((2, 8), np.float32)
+    x, g, A, B = f32(rng, 16), f32(rng, 8), f32(rng, 2, 16), f32(rng, 2, 8)
+    gA, gB = np.zeros((2, 16), np.float32), np.zeros((2, 8), np.float32)
     op = native.lora_accumulate
     _untouched(
         op,
-        [x, g, A, B, 1.0, 1.0, np.zeros((16, 3), np.float32), gB],
+        [x, g, A, B, 1.0, 1.0, np.zeros((3, 16), np.float32), gB],
         7,
         ValueError,
         "gA must have A's shape",
@@ -470,7 +467,7 @@ def test_apply_ewc_rejects():
 def _batched_args(rng, n=5, m=3, in_f=16, r=2, out_f=8):
     return [
         f32(rng, n, in_f),
-        f32(rng, m, in_f, r),
+        f32(rng, m, r, in_f),
         f32(rng, m, r, out_f),
         0.5,
         np.array([0, 2, 1, 2, 0], np.int64),
@@ -513,7 +510,7 @@ def test_batched_rejects():
     a[1] = a[1].astype(np.float64)
     _untouched(op, a, 5, TypeError, "A_stack must have dtype float32")
     a = _batched_args(rng)
-    a[1] = np.zeros((3, 16, 0), np.float32)
+    a[1] = np.zeros((3, 0, 16), np.float32)
     a[2] = np.zeros((3, 0, 8), np.float32)
     _untouched(op, a, 5, ValueError, "unsupported rank 0")
 
@@ -533,10 +530,10 @@ def test_subclasses_are_accepted():
         pass
 
     rng = np.random.default_rng(16)
-    x, A, B = f32(rng, 16), f32(rng, 16, 2), f32(rng, 2, 8)
+    x, A, B = f32(rng, 16), f32(rng, 2, 16), f32(rng, 2, 8)
     out = np.zeros(8, np.float32).view(Sub)
     native.lora_forward_add(x.view(Sub), A, B, 1.0, out)
-    np.testing.assert_allclose(out, (x.astype(np.float64) @ A) @ B, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, (x.astype(np.float64) @ A.T) @ B, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -573,7 +570,7 @@ def test_info():
 def test_ops_return_their_outputs():
     """Like the core's Array API defaults: the updated outputs, here the arrays passed in."""
     rng = np.random.default_rng(17)
-    x, A, B, out = f32(rng, 3, 64), f32(rng, 64, 2), f32(rng, 2, 32), np.zeros((3, 32), np.float32)
+    x, A, B, out = f32(rng, 3, 64), f32(rng, 2, 64), f32(rng, 2, 32), np.zeros((3, 32), np.float32)
     assert native.lora_forward_add(x, A, B, 0.5, out) is out
     g, gA, gB = f32(rng, 3, 32), np.zeros_like(A), np.zeros_like(B)
     got = native.lora_accumulate(x, g, A, B, 1.0, 1.0, gA, gB)
@@ -583,7 +580,7 @@ def test_ops_return_their_outputs():
     F, opt = np.zeros_like(A), A.copy()
     got = native.lora_apply_ewc(A, gA, 1.0, 0.1, 1.0, F, opt, 0.9, True, False)
     assert got[0] is A and got[1] is gA and got[2] is F
-    As, Bs, idx = f32(rng, 4, 64, 2), f32(rng, 4, 2, 32), np.array([3, 0, 1], np.int64)
+    As, Bs, idx = f32(rng, 4, 2, 64), f32(rng, 4, 2, 32), np.array([3, 0, 1], np.int64)
     assert native.lora_forward_add_batched(x, As, Bs, 0.5, idx, out) is out
 
 

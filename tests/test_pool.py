@@ -36,7 +36,7 @@ def filled(backend, n=5, rank=2, capacity=2, seed=0):
     pool = AdapterPool(IN, OUT, rank, 4.0, backend=backend, capacity=capacity)
     W = {}
     for k in range(n):
-        A = rng.normal(0, 0.5, (IN, rank)).astype(np.float32).astype(np.float64)
+        A = rng.normal(0, 0.5, (rank, IN)).astype(np.float32).astype(np.float64)
         B = rng.normal(0, 0.5, (rank, OUT)).astype(np.float32).astype(np.float64)
         pool.create(f"user-{k}").set_weights(dev(backend, A), dev(backend, B))
         W[f"user-{k}"] = (A, B)
@@ -95,8 +95,8 @@ def test_native_batched_forward_is_one_c_call():
     x = np.ones((64, IN), dtype=np.float32)
     pool.forward_batched(x, [f"user-{k % 4}" for k in range(64)])
     assert len(calls) == 1
-    A_view = pool._stacks()[0]  # (m, in, r) view of rank-major (m, r, in) memory
-    assert A_view.transpose(0, 2, 1).flags.c_contiguous
+    A_stack = pool._stacks()[0]  # (m, r, in): the storage itself, rank-major as the kernel loads it
+    assert A_stack is pool._stack.arrays["A"] and A_stack.flags.c_contiguous
 
 
 def _python_calls(fn):
@@ -126,8 +126,6 @@ def test_native_batched_forward_hands_the_stacks_to_c_as_stored(rank):
     x = np.random.default_rng(2).normal(size=(5, IN)).astype(np.float32)
     ids = ["user-3", "user-0", "user-1", "user-3", "user-2"]
     idx, out = pool.indices(ids), np.zeros((5, OUT), np.float32)
-    pool.forward_add_batched(x, idx, out)  # the first call after a change makes the (m, in, r) view
-    out[...] = 0
     calls = _python_calls(lambda: pool.forward_add_batched(x, idx, out))
     assert [name for name, _ in calls] == ["<lambda>", "forward_add_batched", "_index", "_stacks", "A", "B"], calls
     want = R.batched_forward(x, np.stack([W[i][0] for i in ids]), np.stack([W[i][1] for i in ids]), 4.0 / rank,
@@ -160,7 +158,7 @@ def test_adapter_storage_must_fit():
     a = LoraAdapter(IN, OUT, 2, backend="numpy", storage=(stack, 1))
     np.testing.assert_array_equal(stack.A[1], a.A)
     a.detach()  # its own copy from now on; the slot is the stack owner's
-    a.set_weights(np.ones((IN, 2), np.float32), np.ones((2, OUT), np.float32))
+    a.set_weights(np.ones((2, IN), np.float32), np.ones((2, OUT), np.float32))
     np.testing.assert_array_equal(stack.B[1], 0)
 
 
@@ -319,6 +317,25 @@ def test_save_load_errors(tmp_path):
         AdapterPool.load(path)
 
 
+def test_loads_format_version_1(tmp_path):
+    """Version 1 stored lora_A and grad_A as (n, in, r): read and transposed to (n, r, in)."""
+    pool, _ = filled("numpy", n=3)
+    pool.adapt_batched(np.ones((2, IN), np.float32), ["user-0", "user-2"], np.ones((2, OUT), np.float32))
+    pool.save(tmp_path / "v2")
+    arrays, meta = load_arrays(tmp_path / "v2")
+    assert meta["version"] == POOL_FORMAT_VERSION == 2 and arrays["lora_A"].shape == (3, 2, IN)
+    v1 = {k: np.ascontiguousarray(a.transpose(0, 2, 1)) if k in ("lora_A", "grad_A") else a for k, a in arrays.items()}
+    save_arrays(tmp_path / "v1", v1, {**meta, "version": 1})
+    q = AdapterPool.load(tmp_path / "v1")
+    for sid in pool:
+        for k, v in pool.get(sid).state_arrays().items():
+            np.testing.assert_array_equal(q.get(sid).state_arrays()[k], v, err_msg=k)
+    assert q.get("user-0").pending_updates == 1
+    save_arrays(tmp_path / "v1_as_v2", v1, meta)  # (n, in, r) arrays in a version-2 file are refused
+    with pytest.raises(CheckpointError, match="shape"):
+        AdapterPool.load(tmp_path / "v1_as_v2")
+
+
 def test_constructor_rules():
     for kw, match in [({"rank": 0}, "rank"), ({"alpha": -1.0}, "alpha"), ({"capacity": 0}, "capacity"),
                       ({"init": "zeros"}, "init")]:
@@ -369,7 +386,7 @@ def test_request_waiting_on_a_handle_while_it_is_evicted(backend):
         pool.evict("user-1")
     t.join(10)
     assert not t.is_alive() and len(got) == 1
-    np.testing.assert_allclose(got[0], 2.0 * (x @ W["user-1"][0]) @ W["user-1"][1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[0], 2.0 * (x @ W["user-1"][0].T) @ W["user-1"][1], rtol=1e-5, atol=1e-5)
 
     def serve(stop):
         pool.create("user-1")

@@ -408,14 +408,14 @@ def test_allocator_budget_respected_and_fast():
 
 def test_lora_forward_shapes_and_bias():
     rng = _rng(11)
-    A, B = rng.normal(size=(6, 2)), rng.normal(size=(2, 3))
+    A, B = rng.normal(size=(2, 6)), rng.normal(size=(2, 3))
     bias = rng.normal(size=3)
     x = rng.normal(size=(4, 6))
     y = R.lora_forward(x, A, B, 0.5, bias)
     assert y.shape == (4, 3)
     for n in range(4):
         want = [
-            0.5 * sum(x[n, i] * A[i, k] * B[k, o] for i in range(6) for k in range(2)) + bias[o]
+            0.5 * sum(x[n, i] * A[k, i] * B[k, o] for i in range(6) for k in range(2)) + bias[o]
             for o in range(3)
         ]
         np.testing.assert_allclose(y[n], want, rtol=1e-12)
@@ -425,7 +425,7 @@ def test_lora_forward_shapes_and_bias():
 @pytest.mark.parametrize("batched", [False, True])
 def test_lora_accumulate_vs_finite_differences(batched):
     rng = _rng(12)
-    A, B = rng.normal(size=(5, 2)), rng.normal(size=(2, 3))
+    A, B = rng.normal(size=(2, 5)), rng.normal(size=(2, 3))
     x = rng.normal(size=(4, 5) if batched else (5,))
     t = rng.normal(size=(4, 3) if batched else (3,))
     s, reward = 2.0, 0.7
@@ -457,16 +457,16 @@ def test_golden_init_3x2_by_hand():
             [-0.02786404500042, -0.409830056250525],
         ]
     )
-    want = frac_minus_half * 2 * math.sqrt(2 / 3) * 0.01
+    want = (frac_minus_half * 2 * math.sqrt(2 / 3) * 0.01).T  # A is (r, in): A[j, i]
     got = R.golden_init(3, 2)
-    assert got.shape == (3, 2)
+    assert got.shape == (2, 3)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-17)
     assert got[0, 0] == pytest.approx(-0.00816496580927726, rel=1e-14)
 
 
 def test_batched_forward_matches_per_request():
     rng = _rng(13)
-    As, Bs = rng.normal(size=(3, 5, 2)), rng.normal(size=(3, 2, 4))
+    As, Bs = rng.normal(size=(3, 2, 5)), rng.normal(size=(3, 2, 4))
     x = rng.normal(size=(6, 5))
     idx = np.array([2, 0, 0, 1, 2, 1])
     out = R.batched_forward(x, As, Bs, 1.5, idx)
@@ -476,7 +476,7 @@ def test_batched_forward_matches_per_request():
         )
     s = np.array([1.0, 2.0, 3.0])
     out2 = R.batched_forward(x, As, Bs, s, idx)
-    np.testing.assert_allclose(out2[0], 3.0 * (x[0] @ As[2]) @ Bs[2], rtol=1e-14)
+    np.testing.assert_allclose(out2[0], 3.0 * (x[0] @ As[2].T) @ Bs[2], rtol=1e-14)
 
 
 # ---------------------------------------------------------------------------

@@ -124,14 +124,16 @@ static int same(arr_t a, const char *an, arr_t p, const char *pn) {
            FAIL(PyExc_ValueError, "%s and %s must both be C-contiguous (or both F-contiguous)", an, pn);
 }
 
-static int layout(arr_t A) { return PyArray_IS_C_CONTIGUOUS(A) ? ADL_ROW_MAJOR : ADL_RANK_MAJOR; }
+/* A (r, in) C-contiguous is the kernels' rank-major layout; F-contiguous (the transpose of a
+ * C-contiguous (in, r) array) their row-major one. */
+static int layout(arr_t A) { return PyArray_IS_C_CONTIGUOUS(A) ? ADL_RANK_MAJOR : ADL_ROW_MAJOR; }
 
 /* The lora pair: B (r, out) with A's rank. */
 static int pair(arr_t A, arr_t B) {
     char s[256], t[256];
-    return DIM(B, 0) == DIM(A, 1) ||
-           FAIL(PyExc_ValueError, "A is (in, r) = %s but B is %s; B must be (r, out) with r = %zd",
-                SHAPE(A, s), SHAPE(B, t), (Py_ssize_t)DIM(A, 1));
+    return DIM(B, 0) == DIM(A, 0) ||
+           FAIL(PyExc_ValueError, "A is (r, in) = %s but B is %s; B must be (r, out) with r = %zd",
+                SHAPE(A, s), SHAPE(B, t), (Py_ssize_t)DIM(A, 0));
 }
 
 static PyObject *forward_add(PyObject *mod, PyObject *const *a, Py_ssize_t na) {
@@ -141,13 +143,13 @@ static PyObject *forward_add(PyObject *mod, PyObject *const *a, Py_ssize_t na) {
     if (!nargs(na, 5, "lora_forward_add(x, A, B, scaling, out)") || !real(a[3], "scaling", &s) ||
         !arr(a[0], "x", 1, 2, 0, &x) || !arr(a[1], "A", 2, 2, ARG_F, &A) ||
         !arr(a[2], "B", 2, 2, 0, &B) || !arr(a[4], "out", 1, 2, ARG_OUT, &o) ||
-        !rank_ok(DIM(A, 1), "A (in, r)") || !pair(A, B) ||
-        !rows(x, "x", DIM(A, 0), o, "out", DIM(B, 1), "A (in, r)", &n) || !apart(o, "out", x, "x") ||
+        !rank_ok(DIM(A, 0), "A (r, in)") || !pair(A, B) ||
+        !rows(x, "x", DIM(A, 1), o, "out", DIM(B, 1), "A (r, in)", &n) || !apart(o, "out", x, "x") ||
         !apart(o, "out", A, "A") || !apart(o, "out", B, "B"))
         return NULL;
     if (PyArray_SIZE(x) && PyArray_SIZE(o)) {
         Py_BEGIN_ALLOW_THREADS
-        adl_lora_forward_add(F32(x), n, DIM(A, 0), F32(A), layout(A), DIM(A, 1), F32(B), DIM(B, 1),
+        adl_lora_forward_add(F32(x), n, DIM(A, 1), F32(A), layout(A), DIM(A, 0), F32(B), DIM(B, 1),
                              (float)s, F32(o));
         Py_END_ALLOW_THREADS
     }
@@ -163,7 +165,7 @@ static PyObject *accumulate(PyObject *mod, PyObject *const *a, Py_ssize_t na) {
         !real(a[4], "scaling", &sc) || !real(a[5], "reward", &rw) || !arr(a[0], "x", 1, 2, 0, &x) ||
         !arr(a[1], "grad_out", 1, 2, 0, &g) || !arr(a[2], "A", 2, 2, ARG_F, &A) ||
         !arr(a[3], "B", 2, 2, 0, &B) || !arr(a[6], "gA", 2, 2, ARG_OUT | ARG_F, &gA) ||
-        !arr(a[7], "gB", 2, 2, ARG_OUT, &gB) || !rank_ok(DIM(A, 1), "A (in, r)") || !pair(A, B))
+        !arr(a[7], "gB", 2, 2, ARG_OUT, &gB) || !rank_ok(DIM(A, 0), "A (r, in)") || !pair(A, B))
         return NULL;
     if (!PyArray_SAMESHAPE(gA, A))
         return PyErr_Format(PyExc_ValueError, "gA must have A's shape %s, got %s", SHAPE(A, s),
@@ -173,7 +175,7 @@ static PyObject *accumulate(PyObject *mod, PyObject *const *a, Py_ssize_t na) {
                             SHAPE(gB, t));
     const arr_t ins[4] = {x, g, A, B};
     const char *names[4] = {"x", "grad_out", "A", "B"};
-    if (!rows(x, "x", DIM(A, 0), g, "grad_out", DIM(B, 1), "A (in, r)", &n))
+    if (!rows(x, "x", DIM(A, 1), g, "grad_out", DIM(B, 1), "A (r, in)", &n))
         return NULL;
     for (int i = 0; i < 4; ++i)
         if (!apart(gA, "gA", ins[i], names[i]))
@@ -185,7 +187,7 @@ static PyObject *accumulate(PyObject *mod, PyObject *const *a, Py_ssize_t na) {
             return NULL;
     if (PyArray_SIZE(x) && PyArray_SIZE(g)) {
         Py_BEGIN_ALLOW_THREADS
-        adl_lora_accumulate(F32(x), F32(g), n, DIM(A, 0), DIM(B, 1), F32(A), layout(A), DIM(A, 1),
+        adl_lora_accumulate(F32(x), F32(g), n, DIM(A, 1), DIM(B, 1), F32(A), layout(A), DIM(A, 0),
                             F32(B), (float)(sc * rw), F32(gA), layout(gA), F32(gB));
         Py_END_ALLOW_THREADS
     }
@@ -233,8 +235,8 @@ static PyObject *apply_ewc(PyObject *mod, PyObject *const *a, Py_ssize_t na) {
     return PyTuple_Pack(3, a[0], a[1], a[5]);
 }
 
-/* The (m, in, r) stack A is the .transpose(0, 2, 1) view of a C-contiguous (m, r, in) one. */
-static int rank_major_stack(arr_t A) {
+/* The (m, r, in) stack A is the .transpose(0, 2, 1) view of a C-contiguous (m, in, r) one. */
+static int row_major_stack(arr_t A) {
     const int order[3] = {1, 2, 0}; /* A's axes from the fastest to the slowest in memory */
     npy_intp step = sizeof(float);
     for (int k = 0; k < 3; ++k) {
@@ -255,10 +257,10 @@ static PyObject *forward_add_batched(PyObject *mod, PyObject *const *a, Py_ssize
     if (!nargs(na, 6, "lora_forward_add_batched(x, A_stack, B_stack, scaling, idx, out)") ||
         !arr(a[0], "x", 2, 2, 0, &x) || !arr(a[1], "A_stack", 3, 3, ARG_ANY, &A))
         return NULL;
-    const int lay = PyArray_IS_C_CONTIGUOUS(A) ? ADL_ROW_MAJOR : ADL_RANK_MAJOR;
-    if (lay == ADL_RANK_MAJOR && !rank_major_stack(A))
-        return PyErr_Format(PyExc_ValueError, "A_stack must be a C-contiguous (m, in, r) stack, or the "
-                            ".transpose(0, 2, 1) view of a C-contiguous (m, r, in) stack; got strides %s "
+    const int lay = PyArray_IS_C_CONTIGUOUS(A) ? ADL_RANK_MAJOR : ADL_ROW_MAJOR;
+    if (lay == ADL_ROW_MAJOR && !row_major_stack(A))
+        return PyErr_Format(PyExc_ValueError, "A_stack must be a C-contiguous (m, r, in) stack, or the "
+                            ".transpose(0, 2, 1) view of a C-contiguous (m, in, r) stack; got strides %s "
                             "for shape %s", tup(PyArray_STRIDES(A), 3, t), SHAPE(A, s));
     if (!arr(a[2], "B_stack", 3, 3, 0, &B) || !arr(a[5], "out", 2, 2, ARG_OUT, &o))
         return NULL;
@@ -271,19 +273,19 @@ static PyObject *forward_add_batched(PyObject *mod, PyObject *const *a, Py_ssize
     idx = (arr_t)PyArray_FROMANY(a[4], NPY_INT64, 0, 0, NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
     if (idx == NULL)
         return NULL;
-    const npy_intp m = DIM(A, 0), r = DIM(A, 2);
+    const npy_intp m = DIM(A, 0), r = DIM(A, 1);
     if (PyArray_NDIM(idx) != 1) {
         PyErr_Format(PyExc_ValueError, "idx must be 1-D, got shape %s", SHAPE(idx, s));
         goto done;
     }
-    if (!rank_ok(r, "A_stack (m, in, r)"))
+    if (!rank_ok(r, "A_stack (m, r, in)"))
         goto done;
     if (DIM(B, 0) != m || DIM(B, 1) != r) {
-        PyErr_Format(PyExc_ValueError, "A_stack is (m, in, r) = %s but B_stack is %s; B_stack must be "
+        PyErr_Format(PyExc_ValueError, "A_stack is (m, r, in) = %s but B_stack is %s; B_stack must be "
                      "(m, r, out) = (%zd, %zd, out)", SHAPE(A, s), SHAPE(B, t), (Py_ssize_t)m, (Py_ssize_t)r);
         goto done;
     }
-    if (!rows(x, "x", DIM(A, 1), o, "out", DIM(B, 2), "A_stack (m, in, r)", &n))
+    if (!rows(x, "x", DIM(A, 2), o, "out", DIM(B, 2), "A_stack (m, r, in)", &n))
         goto done;
     if (DIM(idx, 0) != n) {
         PyErr_Format(PyExc_ValueError, "idx must have one entry per row of x (%zd), got shape %s",
@@ -313,7 +315,7 @@ static PyObject *forward_add_batched(PyObject *mod, PyObject *const *a, Py_ssize
         }
     if (PyArray_SIZE(x) && PyArray_SIZE(o)) {
         Py_BEGIN_ALLOW_THREADS
-        adl_lora_forward_add_batched(F32(x), n, DIM(A, 1), F32(A), lay, r, F32(B), DIM(B, 2), m, ix,
+        adl_lora_forward_add_batched(F32(x), n, DIM(A, 2), F32(A), lay, r, F32(B), DIM(B, 2), m, ix,
                                      scales ? F32(scales) : NULL, (float)sc, F32(o));
         Py_END_ALLOW_THREADS
     }
@@ -329,7 +331,7 @@ done:
 
 static PyMethodDef methods[] = {
     OP("lora_forward_add", forward_add, "x, A, B, scaling, out",
-       "out += scaling * (x @ A) @ B in place; returns out."),
+       "out += scaling * (x @ A.T) @ B in place; returns out."),
     OP("lora_accumulate", accumulate, "x, grad_out, A, B, scaling, reward, gA, gB",
        "The reward-scaled LoRA gradients added into gA, gB; returns (gA, gB)."),
     OP("lora_apply", apply, "param, grad, lr_over_count",
@@ -338,7 +340,7 @@ static PyMethodDef methods[] = {
        "param, grad, inv_count, lr, lam, fisher, optimal, decay, proximal, update_fisher",
        "One EWC++ step (Fisher first); returns (param, grad, fisher)."),
     OP("lora_forward_add_batched", forward_add_batched, "x, A_stack, B_stack, scaling, idx, out",
-       "out[b] += s[idx[b]] * (x[b] @ A_stack[idx[b]]) @ B_stack[idx[b]]; returns out."),
+       "out[b] += s[idx[b]] * (x[b] @ A_stack[idx[b]].T) @ B_stack[idx[b]]; returns out."),
     {NULL, NULL, 0, NULL},
 };
 
