@@ -74,17 +74,18 @@ def _fp(a: np.ndarray):
 
 
 def _layout(A: np.ndarray) -> int:
-    return ROW_MAJOR if A.flags.c_contiguous else RANK_MAJOR
+    """The kernels' layout of an ``A (r, in)``: C-contiguous is rank-major, its transposed view row-major."""
+    return RANK_MAJOR if A.flags.c_contiguous else ROW_MAJOR
 
 
 def kernel_ns_forward_add(x, A, B, s, out, iters: int) -> float:
-    """ns per call of the forward kernel alone (x one vector; A in either layout)."""
-    d_in, r = A.shape
+    """ns per call of the forward kernel alone (x one vector; A (r, in) in either layout)."""
+    r, d_in = A.shape
     return TIMER.adl_bench_forward_add(_fp(x), d_in, _fp(A), _layout(A), r, _fp(B), B.shape[1], s, _fp(out), iters)
 
 
 def kernel_ns_accumulate(x, g, A, B, c, gA, gB, iters: int) -> float:
-    d_in, r = A.shape
+    r, d_in = A.shape
     return TIMER.adl_bench_accumulate(_fp(x), _fp(g), d_in, B.shape[1], _fp(A), _layout(A), r, _fp(B), c,
                                       _fp(gA), _fp(gB), iters)
 
@@ -94,11 +95,11 @@ def kernel_ns_apply_ewc(p, g, F, o, iters: int) -> float:
 
 
 def kernel_ns_forward_add_batched(x, A_stack, B_stack, s, idx, out, iters: int) -> float:
-    """ns per call of the batched kernel alone (all n requests); A_stack (m, in, r) C-contiguous
-    or the (0, 2, 1) view of a C-contiguous (m, r, in) stack."""
-    m, d_in, r = A_stack.shape
-    rank_major = not A_stack.flags.c_contiguous
-    mem = A_stack.transpose(0, 2, 1) if rank_major else A_stack
+    """ns per call of the batched kernel alone (all n requests); A_stack (m, r, in) C-contiguous
+    (rank-major) or the (0, 2, 1) view of a C-contiguous (m, in, r) stack."""
+    m, r, d_in = A_stack.shape
+    rank_major = A_stack.flags.c_contiguous
+    mem = A_stack if rank_major else A_stack.transpose(0, 2, 1)
     return TIMER.adl_bench_forward_add_batched(
         _fp(x), x.shape[0], d_in, FFI.from_buffer("float[]", mem), RANK_MAJOR if rank_major else ROW_MAJOR, r,
         _fp(B_stack), B_stack.shape[2], m, FFI.from_buffer("int64_t[]", idx), s, _fp(out), iters)
@@ -215,17 +216,17 @@ class Bench:
 
 
 def bench_forward(b: Bench, r: int, d: int, target: str, published: str) -> None:
-    x, A, B, out = b.rnd(d), b.rnd(d, r), b.rnd(r, d), np.zeros(d, F32)
+    x, A, B, out = b.rnd(d), b.rnd(r, d), b.rnd(r, d), np.zeros(d, F32)
     s = 0.5
     op = native.lora_forward_add
     py = b.time(lambda: op(x, A, B, s, out))
     iters = max(100, 4_000_000 // d)
     kern = min(kernel_ns_forward_add(x, A, B, s, out, iters) for _ in range(5))
-    np_ns = b.time(lambda: np.add(out, s * (x @ A) @ B, out=out))
+    np_ns = b.time(lambda: np.add(out, s * (x @ A.T) @ B, out=out))
     t_ns = None
     if torch is not None:
         tx, tA, tB, tout = (torch.from_numpy(a) for a in (x, A, B, out))
-        t_ns = b.time(lambda: tout.add_(s * (tx @ tA) @ tB))
+        t_ns = b.time(lambda: tout.add_(s * (tx @ tA.T) @ tB))
     loaded = 4 * d * (2 * r + 2)  # x, A, B, out
     b.add(f"forward_add r{r}", d, py, kern, loaded, 4 * d, 4 * r * d, loaded, np_ns, t_ns,
           target, published)  # fmt: skip
@@ -233,8 +234,8 @@ def bench_forward(b: Bench, r: int, d: int, target: str, published: str) -> None
 
 def bench_accumulate(b: Bench, d: int, target: str, published: str) -> None:
     r = 2
-    x, g, A, B = b.rnd(d), b.rnd(d), b.rnd(d, r), b.rnd(r, d)
-    gA, gB = np.zeros((d, r), F32), np.zeros((r, d), F32)
+    x, g, A, B = b.rnd(d), b.rnd(d), b.rnd(r, d), b.rnd(r, d)
+    gA, gB = np.zeros((r, d), F32), np.zeros((r, d), F32)
     s, reward = 0.5, 0.8
     c = s * reward
     op = native.lora_accumulate
@@ -243,8 +244,8 @@ def bench_accumulate(b: Bench, d: int, target: str, published: str) -> None:
     kern = min(kernel_ns_accumulate(x, g, A, B, c, gA, gB, iters) for _ in range(5))
 
     def numpy_way():
-        gA.__iadd__(c * np.outer(x, g @ B.T))
-        gB.__iadd__(c * np.outer(x @ A, g))
+        gA.__iadd__(c * np.outer(g @ B.T, x))
+        gB.__iadd__(c * np.outer(x @ A.T, g))
 
     np_ns = b.time(numpy_way)
     t_ns = None
@@ -252,8 +253,8 @@ def bench_accumulate(b: Bench, d: int, target: str, published: str) -> None:
         tx, tg, tA, tB, tgA, tgB = (torch.from_numpy(a) for a in (x, g, A, B, gA, gB))
 
         def torch_way():
-            tgA.add_(c * torch.outer(tx, tg @ tB.T))
-            tgB.add_(c * torch.outer(tx @ tA, tg))
+            tgA.add_(c * torch.outer(tg @ tB.T, tx))
+            tgB.add_(c * torch.outer(tx @ tA.T, tg))
 
         t_ns = b.time(torch_way)
     loaded = 4 * d * (4 * r + 3)  # x twice, A, grad_out, B, gA, gB
@@ -263,7 +264,7 @@ def bench_accumulate(b: Bench, d: int, target: str, published: str) -> None:
 
 def bench_ewc(b: Bench, d: int) -> None:
     r = 2
-    ps = [b.rnd(d, r), b.rnd(r, d)]
+    ps = [b.rnd(r, d), b.rnd(r, d)]
     gs = [p * F32(1e-3) for p in ps]
     Fs = [np.zeros_like(p) for p in ps]
     opts = [p.copy() for p in ps]
@@ -310,7 +311,7 @@ def bench_ewc(b: Bench, d: int) -> None:
 def bench_batched(b: Bench, target: str) -> None:
     d, n, m, r = 4096, 64, 64, 2
     x, out = b.rnd(n, d), np.zeros((n, d), F32)
-    A_stack, B_stack = b.rnd(m, d, r), b.rnd(m, r, d)
+    A_stack, B_stack = b.rnd(m, r, d), b.rnd(m, r, d)
     idx = b.rng.permutation(m).astype(np.int64)
     s = 0.5
     op = native.lora_forward_add_batched
@@ -319,7 +320,7 @@ def bench_batched(b: Bench, target: str) -> None:
                for _ in range(5))  # fmt: skip
 
     def numpy_way():
-        h = np.einsum("bi,bir->br", x, A_stack[idx])
+        h = np.einsum("bi,bri->br", x, A_stack[idx])
         out.__iadd__(s * np.einsum("br,bro->bo", h, B_stack[idx]))
 
     np_ns = b.time(numpy_way, 2)
@@ -328,7 +329,7 @@ def bench_batched(b: Bench, target: str) -> None:
         tx, tA, tB, ti, tout = (torch.from_numpy(a) for a in (x, A_stack, B_stack, idx, out))
 
         def torch_way():
-            h = torch.bmm(tx.unsqueeze(1), tA[ti])
+            h = torch.bmm(tx.unsqueeze(1), tA[ti].transpose(1, 2))
             tout.add_(s * torch.bmm(h, tB[ti]).squeeze(1))
 
         t_ns = b.time(torch_way, 2) / n
@@ -361,14 +362,14 @@ def bench_adapters(b: Bench, r: int, d: int) -> list[list[str]]:
     from adalora_core import LoraAdapter, MicroLoRA, MicroLoraConfig
 
     x, out = b.rnd(d), np.zeros(d, F32)
-    A, B = b.rnd(d, r), b.rnd(r, d)
+    A, B = b.rnd(r, d), b.rnd(r, d)
     m = MicroLoRA(MicroLoraConfig(rank=r, in_features=d, out_features=d, target_modules=("q_proj",)),
                   backend="native", ewc=None)
     m.adapter("q_proj").set_weights(A, B)
     ad = LoraAdapter(d, d, r, backend="native")
     ad.set_weights(A, B)
     iters = max(100, 4_000_000 // d)
-    kern = min(kernel_ns_forward_add(x, np.ascontiguousarray(A.T).T, B, 1.0, out, iters) for _ in range(5))
+    kern = min(kernel_ns_forward_add(x, A, B, 1.0, out, iters) for _ in range(5))
     return [_api_row(f"LoraAdapter.forward_add r{r}", d, b.time(lambda: ad.forward_add(x, out)), kern, None),
             _api_row(f"MicroLoRA.forward_add r{r}", d, b.time(lambda: m.forward_add(x, "q_proj", out)), kern, None)]
 
@@ -378,7 +379,7 @@ def bench_pool(b: Bench, r: int, d: int, n: int = 64, m: int = 64) -> list[list[
     from adalora_core import AdapterPool
 
     pool = AdapterPool(d, d, r, backend="native", capacity=m)
-    A_stack, B_stack = b.rnd(m, d, r), b.rnd(m, r, d)
+    A_stack, B_stack = b.rnd(m, r, d), b.rnd(m, r, d)
     ids = [f"user-{k}" for k in range(m)]
     for k, sid in enumerate(ids):
         pool.create(sid).set_weights(A_stack[k], B_stack[k])
@@ -386,8 +387,7 @@ def bench_pool(b: Bench, r: int, d: int, n: int = 64, m: int = 64) -> list[list[
     idx = pool.indices(req)
     x, out = b.rnd(n, d), np.zeros((n, d), F32)
     # the pool's layout: rank-major A per adapter, slots in creation order
-    A_rm = np.ascontiguousarray(A_stack.transpose(0, 2, 1)).transpose(0, 2, 1)
-    kern = min(kernel_ns_forward_add_batched(x, A_rm, B_stack, pool.scaling, idx, out, 50) for _ in range(5))
+    kern = min(kernel_ns_forward_add_batched(x, A_stack, B_stack, pool.scaling, idx, out, 50) for _ in range(5))
     what = f"AdapterPool.forward_add_batched r{r}, {n} requests / {m} sessions"
     return [_api_row(what + ", slot indices", d, b.time(lambda: pool.forward_add_batched(x, idx, out), 2),
                      kern, 1.2),
@@ -397,15 +397,14 @@ def bench_pool(b: Bench, r: int, d: int, n: int = 64, m: int = 64) -> list[list[
 
 def bench_paths(b: Bench, d: int = 768) -> list[list[str]]:
     """One rank-2 forward (d = in = out, one vector) called from Python in different ways."""
-    x, out, A, B = b.rnd(d), np.zeros(d, F32), np.ascontiguousarray(b.rnd(2, d)).T, b.rnd(2, d)
+    x, out, A, B = b.rnd(d), np.zeros(d, F32), b.rnd(2, d), b.rnd(2, d)
     kern = min(kernel_ns_forward_add(x, A, B, 0.5, out, max(100, 4_000_000 // d)) for _ in range(5))
     op, fwd = native.lora_forward_add, TIMER.adl_lora_forward_add
-    At = A.T
     ptrs = [_fp(a) for a in (x, A, B, out)]
     ways = [
         ("the op as built (`native.lora_forward_add`)", lambda: op(x, A, B, 0.5, out)),
         ("cffi, `ffi.from_buffer` per array, no checks", lambda: fwd(
-            FFI.from_buffer("float[]", x), 1, d, FFI.from_buffer("float[]", At), RANK_MAJOR, 2,
+            FFI.from_buffer("float[]", x), 1, d, FFI.from_buffer("float[]", A), RANK_MAJOR, 2,
             FFI.from_buffer("float[]", B), d, 0.5, FFI.from_buffer("float[]", out))),
         ("cffi, pointers made once (a lower bound for any cffi path)", lambda: fwd(
             ptrs[0], 1, d, ptrs[1], RANK_MAJOR, 2, ptrs[2], d, 0.5, ptrs[3])),

@@ -6,8 +6,9 @@
  *     no other alignment is assumed (unaligned SIMD loads are used);
  *   - a batch of n vectors of length d is n*d consecutive floats;
  *   - LoRA A (in, r) comes in one of two layouts, given by `a_layout`:
- *       ADL_ROW_MAJOR  : A[i*r + k]   ((in, r) C order, the public layout)
- *       ADL_RANK_MAJOR : A[k*in + i]  ((r, in) C order, i.e. A.T contiguous)
+ *       ADL_ROW_MAJOR  : A[i*r + k]   ((in, r) C order)
+ *       ADL_RANK_MAJOR : A[k*in + i]  ((r, in) C order: the library's public A,
+ *                                      PEFT's lora_A.weight, as adapters store it)
  *     for r == 1 both are the same memory;
  *   - LoRA B (r, out) is always rank-major: B[k*out + j];
  *   - outputs must not alias inputs (out, gA, gB, param... are written in
