@@ -119,6 +119,9 @@ def write_json(path: str, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _init_worker(threads: int, gpus: Any) -> None:
     import torch
 
@@ -152,8 +155,17 @@ def run_jobs(fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]], jobs: int
         for i in range(jobs):
             gpus.put(i % torch.cuda.device_count())
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, gpus)) as pool:
-        return list(pool.map(fn, *zip(*tasks)))
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update(dict.fromkeys(_THREAD_VARS, str(threads)))  # read by NumPy's BLAS as the workers start
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads, gpus)) as pool:
+            return list(pool.map(fn, *zip(*tasks)))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def finish(module: Any, args: Any, setting: Any) -> dict[str, Any]:
@@ -162,7 +174,8 @@ def finish(module: Any, args: Any, setting: Any) -> dict[str, Any]:
 
     if args.figures:
         plot.require()  # before minutes of running, not after
-    result = module.run(setting, args.seeds, args.device, jobs=args.jobs)
+    extra = {"cache": args.cache} if getattr(args, "cache", None) else {}
+    result = module.run(setting, args.seeds, args.device, jobs=args.jobs, **extra)
     print(module.report(result))
     if args.json:
         write_json(args.json, result)

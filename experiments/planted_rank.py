@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -39,7 +42,7 @@ import adalora_core as ac
 from adalora_core import plot
 from adalora_core.demo import spearman
 
-from .common import encode, environment, finish, load_model, run_jobs, sentences, stats
+from .common import encode, environment, finish, load_model, run_jobs, sentences, stats, write_json
 
 INIT_R, TARGET_R = 8, 4
 _KINDS = ("attention.self.query", "attention.self.value", "intermediate.dense")
@@ -221,20 +224,35 @@ def seed_context(texts: Split, setting: Setting, seed: int, device: str) -> Seed
     return _CONTEXT[key]
 
 
-def train_job(texts: Split, setting: Setting, seed: int, method: str, lr: float, device: str) -> dict[str, Any]:
-    """One student of one seed (a unit :func:`~experiments.common.run_jobs` can run in any process)."""
+def train_job(texts: Split, setting: Setting, seed: int, method: str, lr: float, device: str,
+              cache: str | None = None) -> dict[str, Any]:
+    """One student of one seed (a unit :func:`~experiments.common.run_jobs` can run in any process).
+
+    With ``cache`` (a directory) a finished run is kept there, and taken from
+    there when the same run (setting, seed, method, rate) is asked again: an
+    interrupted experiment resumes where it stopped.
+    """
+    key = json.dumps([asdict(setting), seed, method, lr, texts], sort_keys=True)
+    path = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json") if cache else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return dict(json.load(f))
     ctx = seed_context(texts, setting, seed, device)
     base = load_model(device)[1]
     out = train(method, lr, base, ctx.teacher, ctx.batches, ctx.held, ctx.val, setting, seed,
                 lambda line: print(line, flush=True))
-    return {**out, "base_loss": ctx.base_loss}
+    out["base_loss"] = ctx.base_loss
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        write_json(path, out)
+    return out
 
 
 def run_seeds(texts: Split, setting: Setting, seeds: Sequence[int], lrs: Mapping[str, Sequence[float]],
-              device: str, jobs: int, log: Any) -> list[dict[str, Any]]:
+              device: str, jobs: int, log: Any, cache: str | None = None) -> list[dict[str, Any]]:
     """Both students on each seed, each trained at every rate in ``lrs[method]``; per seed and method
     the run with the lowest validation loss is kept (and the validation loss of every rate tried)."""
-    tasks = [(texts, setting, seed, method, lr, device) for seed in seeds for method in lrs for lr in lrs[method]]
+    tasks = [(texts, setting, seed, method, lr, device, cache) for seed in seeds for method in lrs for lr in lrs[method]]
     done = run_jobs(train_job, tasks, jobs, device)
     runs = []
     for seed in seeds:
@@ -263,12 +281,13 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = print, jobs: int = 1
-        ) -> dict[str, Any]:
+def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = print, jobs: int = 1,
+        cache: str | None = None) -> dict[str, Any]:
     """The whole experiment: every seed, both students; a JSON-ready record.
 
     The learning rates are chosen on the first seed and kept for the others;
-    ``jobs`` runs that many students at once (the same numbers, sooner).
+    ``jobs`` runs that many students at once (the same numbers, sooner);
+    ``cache``: see :func:`train_job`.
     """
     t0, env = time.perf_counter(), environment(device)
     texts = [s for _, s in sentences()]
@@ -281,9 +300,9 @@ def run(setting: Setting, seeds: Sequence[int], device: str = "cpu", log: Any = 
         f"held-out sentences; {len(PLANTED)} perturbed linears; {setting.steps} steps of {setting.batch} "
         f"sentences (<= {setting.max_len} tokens); learning rates {list(setting.lrs)}")
     runs = run_seeds(split, setting, seeds[:1], {m: list(setting.lrs) for m in ("adalora", "lora")}, device, jobs,
-                     log)
+                     log, cache)
     chosen = {m: [runs[0][m]["lr"]] for m in ("adalora", "lora")}
-    runs += run_seeds(split, setting, seeds[1:], chosen, device, jobs, log)
+    runs += run_seeds(split, setting, seeds[1:], chosen, device, jobs, log, cache)
     return {"experiment": "planted_rank", "setting": asdict(setting), "seeds": list(seeds),
             "environment": env, "planted": PLANTED, "init_r": INIT_R, "target_r": TARGET_R,
             "sv_scale": SV_SCALE,
@@ -360,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", metavar="FILE", help="write every number (curves, rank histories) as JSON")
     ap.add_argument("--figures", metavar="DIR", help="write the PNG figures into DIR (needs matplotlib)")
     ap.add_argument("--jobs", type=int, default=1, help="students trained at once, in processes (default 1)")
+    ap.add_argument("--cache", metavar="DIR", help="keep each finished student in DIR; a rerun resumes from it")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
     changes = {f: getattr(args, f) for f in asdict(FULL) if getattr(args, f) is not None}

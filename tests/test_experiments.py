@@ -61,9 +61,10 @@ def test_planted_rank_tiny_run(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
     out = tmp_path / "r.json"
-    res = planted_rank.main(["--quick", "--jobs", "2", "--seeds", "0", "--steps", "12", "--batch", "2", "--max-len", "12",
-                             "--eval-sentences", "8", "--eval-every", "6", "--deltaT", "2", "--lrs", "1e-2",
-                             "--json", str(out), "--figures", str(tmp_path)])
+    args = ["--quick", "--jobs", "2", "--seeds", "0", "--steps", "12", "--batch", "2", "--max-len", "12",
+            "--eval-sentences", "8", "--eval-every", "6", "--deltaT", "2", "--lrs", "1e-2",
+            "--cache", str(tmp_path / "cache")]
+    res = planted_rank.main([*args, "--json", str(out), "--figures", str(tmp_path)])
     run = res["runs"][0]
     n = len(planted_rank.PLANTED)
     history = run["adalora"]["history"]
@@ -75,6 +76,10 @@ def test_planted_rank_tiny_run(tmp_path):
     assert json.loads(out.read_text())["summary"]["lora_params"] == planted_rank.TARGET_R * (12 * 768 + 6 * 1920)
     for png in ("planted_rank_allocation.png", "planted_rank_loss.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one finished student each
+    again = planted_rank.main([*args, "--json", str(tmp_path / "again.json")])  # resumed: nothing left to train
+    assert json.loads((tmp_path / "again.json").read_text())["runs"] == json.loads(out.read_text())["runs"]
+    assert again["runs"][0]["adalora"]["seconds"] == run["adalora"]["seconds"]
 
 
 def test_forgetting_tiny_run(tmp_path):
