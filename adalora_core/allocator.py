@@ -25,13 +25,15 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
+from itertools import chain
+from operator import attrgetter, is_, is_not
 from typing import Any, NamedTuple
 
 from ._xp import Array, device, namespace, on_host
 from .config import AdaLoraConfig
 from .errors import AdaLoraWarning
-from .layout import Layout, Part, flat_concat
+from .layout import Layout, Part
 from .schedule import budget_schedule
 from .triplet import Triplet
 from .validate import Problems
@@ -40,6 +42,8 @@ PARTS = ("A", "E", "B")
 KINDS = ("ema_ipt", "ema_unc")
 # the config fields the allocator's arithmetic reads: a state computed under others cannot resume here
 SCHEDULE_FIELDS = ("total_step", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2")
+_SHAPE, _DTYPE, _DEVICE = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
+_is_none, _is_not_none = partial(is_, None), partial(is_not, None)
 
 
 def importance(p: Array, g: Array) -> Array:
@@ -148,8 +152,7 @@ class StepConfig:
 
     Build it once (:func:`step_config`) and close over it, or pass it as a
     static argument: under ``jax.jit`` it is part of the compiled function.
-    ``ema_update`` and ``concat`` are the backend's versions of
-    :func:`ema_update` and :func:`~adalora_core.layout.flat_concat`.
+    ``ema_update`` is the backend's version of :func:`ema_update`.
     """
 
     config: AdaLoraConfig
@@ -158,7 +161,6 @@ class StepConfig:
     target_bgt: int
     reduce: Callable[[Array], Array] | None
     ema_update: Callable[..., tuple[list[Array], list[Array]]]
-    concat: Callable[[list[Array]], Array]
 
     def budget_at(self, step: int) -> tuple[int, bool]:
         return scheduled_budget(self.config, self.init_bgt, self.target_bgt, step)
@@ -190,7 +192,7 @@ def step_config(config: AdaLoraConfig, params: Mapping[str, Any], *, parts: Mapp
     layout = Layout.of(trips, parts)
     be = resolve(backend, next(iter(trips.values())).A)
     return StepConfig(config, layout, layout.total_rank, config.target_r * len(trips), reduce,
-                      be.op("ema_update", ema_update), be.op("flat_concat", flat_concat))
+                      be.op("ema_update", ema_update))
 
 
 def init_state(config: StepConfig, like: Array) -> StepState:
@@ -228,8 +230,10 @@ def allocator_step(state: StepState, params: Mapping[str, Any], grads: Mapping[s
     Arguments are checked against ``config``'s layout (at trace time under jit).
     """
     ps, gs = _step_inputs(params, grads, config.layout)
-    state, apply = _advance(state, ps, gs, step, config)
-    return state, _masked_E(state.keep, apply, ps, config.layout)
+    none = (None, None, None)
+    pf, gf = config.layout.flat(ps), config.layout.flat({n: g or none for n, g in gs.items()})
+    state, apply = _advance(state, pf, gf, step, config)
+    return state, _masked_E(state.keep, apply, pf, config.layout)
 
 
 def rank_pattern(state: StepState, config: StepConfig) -> dict[str, list[bool]]:
@@ -272,9 +276,12 @@ def _plan(step: int | Array, state: StepState, sc: StepConfig) -> _Plan:
                  _where(state.finalized, state.budget, budget))
 
 
-def _advance(state: StepState, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None],
-             step: int | Array, sc: StepConfig) -> tuple[StepState, Any]:
-    """The next state and whether ``E`` is masked this step (a Python bool on the eager path)."""
+def _advance(state: StepState, params: Sequence[Array], grads: Sequence[Array | None], step: int | Array,
+             sc: StepConfig) -> tuple[StepState, Any]:
+    """The next state and whether ``E`` is masked this step (a Python bool on the eager path).
+
+    ``params`` and ``grads``: flat, as :meth:`Layout.pack <adalora_core.layout.Layout.pack>` takes them.
+    """
     p = _plan(step, state, sc)
     m, u, measured, skips = state.m, state.u, state.measured, state.skips
     if p.update is not False:
@@ -287,23 +294,21 @@ def _advance(state: StepState, params: Mapping[str, Triplet], grads: Mapping[str
     return StepState(m, u, keep, measured, skips, _or(state.finalized, p.final), p.budget), p.apply
 
 
-def _update_importance(state: StepState, params: Mapping[str, Triplet], grads: Mapping[str, Triplet | None],
-                       sc: StepConfig, when: Any) -> tuple[Array, Array, Any, Any]:
+def _update_importance(state: StepState, params: Sequence[Array], grads: Sequence[Array | None], sc: StepConfig,
+                       when: Any) -> tuple[Array, Array, Any, Any]:
     """One EMA step over the flat buffers, applied where ``when`` and every value is finite: no wait for the device."""
     layout = sc.layout
-    present = {n: [gp is not None for gp in grads.get(n) or (None, None, None)] for n in layout.names}
-    if not any(any(v) for v in present.values()):
+    present = list(map(_is_not_none, grads))
+    if not any(present):
         return state.m, state.u, state.measured, state.skips
-    xp = namespace(params[layout.names[0]].A)
-    filled = {n: Triplet(*(gp if gp is not None else xp.zeros_like(p)
-                           for p, gp in zip(params[n], grads.get(n) or (None, None, None))))
-              for n in layout.names}
-    ipt = importance(layout.pack(params, sc.concat), layout.pack(filled, sc.concat))
+    xp = namespace(params[0])
+    filled = grads if all(present) else [g if g is not None else xp.zeros_like(p) for p, g in zip(params, grads)]
+    ipt = importance(layout.pack(params), layout.pack(filled))
     finite = xp.all(xp.isfinite(ipt))
     m0, u0 = (state.m, state.u) if state.m is not None else (xp.zeros_like(ipt), xp.zeros_like(ipt))
     (m,), (u,) = sc.ema_update([m0], [u0], [ipt], sc.config.beta1, sc.config.beta2)
     ok = finite
-    if not all(all(v) for v in present.values()):
+    if not all(present):
         ok = xp.logical_and(finite, layout.segment_mask(present, xp, ipt))
     ok = _and(ok, when)
     measured = xp.logical_or(xp.asarray(state.measured, device=device(ipt)), _and(finite, when))
@@ -334,15 +339,16 @@ def _remask(m: Array | None, u: Array | None, keep: Array | None, measured: Any,
     return xp.where(xp.asarray(_and(when, measured), device=device(new)), new, old)
 
 
-def _masked_E(keep: Array | None, apply: Any, params: Mapping[str, Triplet], layout: Layout) -> dict[str, Array]:
-    """Every module's ``E``, masked by ``keep`` where ``apply``."""
+def _masked_E(keep: Array | None, apply: Any, params: Sequence[Array], layout: Layout) -> dict[str, Array]:
+    """Every module's ``E`` (``params`` flat, as :meth:`Layout.pack` takes them), masked by ``keep`` where ``apply``."""
+    Es = dict(zip(layout.names, params[1::3]))
     if keep is None or apply is False:
-        return {n: params[n][1] for n in layout.names}
+        return Es
     xp = namespace(keep)
     if apply is not True:
         keep = xp.logical_or(keep, xp.logical_not(apply))
     column = xp.reshape(keep, (-1, 1))
-    return {n: apply_mask(params[n][1], column[slice(*layout.local_slices[n]), ...]) for n in layout.names}
+    return {n: apply_mask(E, column[slice(*layout.local_slices[n]), ...]) for n, E in Es.items()}
 
 
 def _step_inputs(params: Mapping[str, Any], grads: Mapping[str, Any], layout: Layout
@@ -440,7 +446,7 @@ class RankAllocator:
         self.init_bgt = sum(self.ranks.values())
         self.target_bgt = config.target_r * len(self.ranks)
         self._backend = backend
-        self._ops: tuple[Any, Any] | None = None  # (ema_update, flat_concat), from the first step's backend
+        self._ema_update: Any = None  # the first step's backend's
         self.reduce: Callable[[Array], Array] | None = None
         self.parts: dict[str, Part] | None = None
         self.reset()
@@ -463,11 +469,13 @@ class RankAllocator:
         layout = self._layout_for(state.shapes) if state.shapes else None
         m = u = keep = None
         if state.ema_ipt and layout is not None:
-            m, u = layout.pack(state.ema_ipt), layout.pack(state.ema_unc or {})
+            m, u = layout.pack(layout.flat(state.ema_ipt)), layout.pack(layout.flat(state.ema_unc or {}))
         if state.masks and layout is not None:
             keep = layout.join_scores(state.masks)
         self._layout = layout
         self._sc: StepConfig | None = None
+        self._checked: tuple[Any, ...] | None = None  # the structure of the last inputs that passed the checks
+        self._keeps: tuple[Any, Any, list[Array]] | None = None  # (keep, dtype, per-module masks) last returned
         # flags as Python values until a step computes them on the device, so a step never waits for it
         self._state = StepState(m, u, keep, bool(state.ema_ipt) or bool(state.masks), 0, state.finalized,
                                 state.budget)
@@ -479,9 +487,11 @@ class RankAllocator:
         self._warned: set[str] = set()
 
     def _layout_for(self, shapes: Mapping[str, tuple[int, int]]) -> Layout:
+        """The layout of weights of these ``(in, out)``, its modules in :attr:`names` order (as flat inputs are)."""
         parts = self.parts or {}
         dims = {}
-        for n, (fan_in, out) in shapes.items():
+        for n in self.ranks:
+            fan_in, out = shapes[n]
             part = parts.get(n)
             r = part.local_rank if part else self.ranks[n]
             dims[n] = ((r, fan_in), (r, 1), (out, self.ranks[n]))
@@ -583,12 +593,12 @@ class RankAllocator:
         since the EMAs keep the weights' dtype and a silent cast would hide a
         mixed-precision bug. All inputs are checked before any state changes.
         """
-        ps, apply = self._step(step, params, grads or {})
+        ps, apply = self._step(step, params, {} if grads is None else grads)
         assert self._layout is not None
         return _masked_E(self._state.keep, apply, ps, self._layout)
 
-    def advance(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any] | None = None, *,
-                mask_dtype: Any = None) -> dict[str, Array] | None:
+    def advance(self, step: int, params: Mapping[str, Any] | Sequence[Any], grads: Any = None, *,
+                mask_dtype: Any = None) -> dict[str, Array] | list[Array] | None:
         """:meth:`update_and_allocate` without touching ``E``: the keep masks to apply, or None.
 
         The masks are shaped as ``E`` (``(rows, 1)``, the rows the caller holds
@@ -598,41 +608,52 @@ class RankAllocator:
         here waits for the device: non-finite steps are counted on the device
         and reported when :attr:`skipped_steps` is read (at once where the
         arrays live in host memory).
-        """
-        _, apply = self._step(step, params, grads or {})
-        return self._local_keeps(mask_dtype) if apply else None
 
-    def _step(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
-              ) -> tuple[dict[str, Triplet], bool]:
-        """Check everything, count missing gradients, run :func:`_advance`: the weights and whether to mask ``E``."""
-        ps, gs = self._check(step, params, grads)
+        ``params`` and ``grads`` may also be flat sequences, module after
+        module in :attr:`names` order, ``A, E, B`` each (a missing gradient is
+        None): what a framework calling every step keeps at hand, so that no
+        mapping is built per step. The masks are then a list in that order.
+        """
+        _, apply = self._step(step, params, {} if grads is None else grads)
+        if not apply:
+            return None
+        keeps = self._local_keeps(mask_dtype)
+        if keeps is None or not isinstance(params, Mapping):
+            return keeps
+        return dict(zip(self.names, keeps))
+
+    def _step(self, step: int, params: Mapping[str, Any] | Sequence[Any], grads: Mapping[str, Any] | Sequence[Any]
+              ) -> tuple[list[Array], bool]:
+        """Check everything, count missing gradients, run :func:`_advance`: the flat weights and whether to mask ``E``."""
+        self._check_step(step)
+        ps, gs = self._flat(params, grads)
+        self._check(ps, gs)
         sc = self._step_config(ps)
         self.last_step = step
         if not self.finalized and step < self.config.final_step:
             self._count_missing(gs)
         self._state, apply = _advance(self._state, ps, gs, step, sc)
-        if not isinstance(self._state.skips, int) and on_host(ps[self.names[0]].A):
+        if not isinstance(self._state.skips, int) and on_host(ps[0]):
             self.skipped_steps  # noqa: B018 (reading it counts the skip and warns now, at no cost on the host)
         return ps, apply
 
-    def _step_config(self, params: Mapping[str, Triplet]) -> StepConfig:
+    def _step_config(self, params: Sequence[Array]) -> StepConfig:
         """The :class:`StepConfig` of the current layout and distribution (built on the first step after a change)."""
         if self._sc is None:
-            if self._ops is None:
+            if self._ema_update is None:
                 from adalora_core.backends import resolve
 
-                backend = resolve(self._backend, params[self.names[0]].A)
-                self._ops = (backend.op("ema_update", ema_update), backend.op("flat_concat", flat_concat))
+                self._ema_update = resolve(self._backend, params[0]).op("ema_update", ema_update)
             if not self.shapes:
-                self.shapes = {n: (int(p.A.shape[1]), int(p.B.shape[0])) for n, p in params.items()}
+                self.shapes = {n: (int(params[3 * i].shape[1]), int(params[3 * i + 2].shape[0]))
+                               for i, n in enumerate(self.names)}
             if self._layout is None:
                 self._layout = self._layout_for(self.shapes)
-            self._sc = StepConfig(self.config, self._layout, self.init_bgt, self.target_bgt, self.reduce, *self._ops)
+            self._sc = StepConfig(self.config, self._layout, self.init_bgt, self.target_bgt, self.reduce,
+                                  self._ema_update)
         return self._sc
 
-    def _check(self, step: int, params: Mapping[str, Any], grads: Mapping[str, Any]
-               ) -> tuple[dict[str, Triplet], dict[str, Triplet | None]]:
-        """Raise a ValueError for any bad input; return params and grads as Triplets."""
+    def _check_step(self, step: int) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is invalid: must be an int >= 0")
         if self.last_step is not None and step < self.last_step:
@@ -640,26 +661,57 @@ class RankAllocator:
         assert self.config.total_step is not None
         if step > self.config.total_step:
             raise ValueError(f"step={step} is beyond total_step={self.config.total_step}")
+
+    def _flat(self, params: Mapping[str, Any] | Sequence[Any], grads: Mapping[str, Any] | Sequence[Any]
+              ) -> tuple[list[Array], list[Array | None]]:
+        """``params`` and ``grads`` as flat lists in :attr:`names` order (3 per module; None where no gradient)."""
+        n = 3 * len(self.ranks)
+        if not isinstance(params, Mapping):
+            if isinstance(grads, Mapping) or len(params) != n or len(grads) != n:
+                raise ValueError(f"flat params and grads must both be sequences of {n} entries (A, E, B of each "
+                                 f"module in names order); got {len(params)} and "
+                                 f"{'a mapping' if isinstance(grads, Mapping) else len(grads)}")
+            return list(params), list(grads)
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads must be a mapping of module to (A, E, B) like params, not {type(grads).__name__}")
         if set(params) != set(self.ranks):
             missing, extra = sorted(set(self.ranks) - set(params)), sorted(set(params) - set(self.ranks))
             raise ValueError(f"params must name exactly the allocator's modules; missing {missing}, unknown {extra}")
         unknown = sorted(set(grads) - set(self.ranks))
         if unknown:
             raise ValueError(f"grads name unknown modules {unknown}")
-        ps = {n: _triplet(params[n], f"params[{n!r}]", parts_may_be_none=False) for n in self.names}
-        gs = {n: None if grads.get(n) is None else _triplet(grads[n], f"grads[{n!r}]") for n in self.names}
-        weights = [t for p in ps.values() for t in p]
-        arrays = weights + [t for g in gs.values() if g is not None for t in g if t is not None]
-        namespace(*{type(t): t for t in arrays}.values())  # one array per type: cheap, and names a mix
-        for name in self.names:
-            self._check_module(name, ps[name], gs[name])
-        first = weights[0]  # attributes compared, not calls: this runs over hundreds of arrays every step
-        if any(getattr(t, "device", None) != getattr(first, "device", None) for t in weights):
-            raise ValueError(f"all weights must live on one device; found {sorted({str(device(t)) for t in weights})}")
-        if any(t.dtype != first.dtype for t in weights):
-            raise ValueError(f"all weights must share one dtype (the EMAs are one buffer); "
-                             f"found {sorted({str(t.dtype) for t in weights})}")
+        ps = [t for name in self.names for t in _triplet(params[name], f"params[{name!r}]", parts_may_be_none=False)]
+        none = (None, None, None)
+        gs = [t for name in self.names
+              for t in (none if grads.get(name) is None else _triplet(grads[name], f"grads[{name!r}]"))]
         return ps, gs
+
+    def _check(self, params: list[Array], grads: list[Array | None]) -> None:
+        """Raise a ValueError for any bad input; inputs of the structure of the last good ones pass at once.
+
+        The structure (every array's library, shape, dtype and device, and which gradients are None) is
+        read in a few C-level passes; the per-module checks run only when it differs from the last
+        inputs that passed (the first step, a parameter replaced or cast, a gradient gone missing).
+        """
+        key = _structure(params, grads)
+        if key is not None and key == self._checked:
+            return
+        self._check_arrays_of(params, grads)
+        self._checked = key
+
+    def _check_arrays_of(self, params: list[Array], grads: list[Array | None]) -> None:
+        """Every module's weights and gradients (the checks :meth:`_check` skips for a known structure)."""
+        trips = {n: (_triplet(params[3 * i: 3 * i + 3], f"params[{n!r}]", parts_may_be_none=False),
+                     _triplet(grads[3 * i: 3 * i + 3], f"grads[{n!r}]")) for i, n in enumerate(self.names)}
+        namespace(*{type(t): t for t in chain(params, grads) if t is not None}.values())  # one per type: names a mix
+        for name, (p, g) in trips.items():
+            self._check_module(name, p, g)
+        first = params[0]
+        if any(getattr(t, "device", None) != getattr(first, "device", None) for t in params):
+            raise ValueError(f"all weights must live on one device; found {sorted({str(device(t)) for t in params})}")
+        if any(t.dtype != first.dtype for t in params):
+            raise ValueError(f"all weights must share one dtype (the EMAs are one buffer); "
+                             f"found {sorted({str(t.dtype) for t in params})}")
 
     def _check_module(self, name: str, p: Triplet, g: Triplet | None) -> None:
         """One module's weights against its rank and known shape, and its gradients against its weights."""
@@ -689,10 +741,12 @@ class RankAllocator:
                 raise ValueError(f"module {name!r}: grad of {part_name} has dtype {gt.dtype}, its weight "
                                  f"{t.dtype}; cast the gradients to the weights' dtype")
 
-    def _count_missing(self, grads: Mapping[str, Triplet | None]) -> None:
+    def _count_missing(self, grads: list[Array | None]) -> None:
         """Count and warn (once per module) where a gradient is None: PEFT skips just those tensors."""
-        for name in self.names:
-            missing = [part for part, gp in zip(PARTS, grads.get(name) or (None, None, None)) if gp is None]
+        if not any(map(_is_none, grads)):
+            return
+        for i, name in enumerate(self.names):
+            missing = [part for part, gp in zip(PARTS, grads[3 * i: 3 * i + 3]) if gp is None]
             if missing:
                 self.missing_grads[name] += 1
                 self._warn_once(f"missing:{name}", f"module {name!r} has no gradient for {missing}; their "
@@ -705,15 +759,20 @@ class RankAllocator:
         score = _score(self._state.m, self._state.u, self._layout, self.reduce)
         return {} if score is None else self._layout.split_scores(score)
 
-    def _local_keeps(self, dtype: Any = None) -> dict[str, Array] | None:
-        """The last mask per module, over the rows of ``E`` held here, shaped as ``E``; None before any mask."""
+    def _local_keeps(self, dtype: Any = None) -> list[Array] | None:
+        """The last mask per module (:attr:`names` order), over the rows of ``E`` held here, shaped as ``E``;
+        None before any mask. Kept while the mask is (after the final allocation: every later step)."""
         keep = self._state.keep
         if keep is None or self._layout is None:
             return None
+        if self._keeps is not None and self._keeps[0] is keep and self._keeps[1] == dtype:
+            return self._keeps[2]
         xp = namespace(keep)
-        keep = keep if dtype is None else xp.astype(keep, dtype)  # one op for every module
-        column = xp.reshape(keep, (-1, 1))
-        return {n: column[lo:hi, ...] for n, (lo, hi) in self._layout.local_slices.items()}
+        column = xp.reshape(keep if dtype is None else xp.astype(keep, dtype), (-1, 1))  # one op for every module
+        slices = self._layout.local_slices
+        out = [column[slices[n][0]:slices[n][1], ...] for n in self.names]
+        self._keeps = (keep, dtype, out)
+        return out
 
     def keep_flat(self) -> Array | None:
         """The last mask of every triplet as one flat bool array (layout order); None before any mask."""
@@ -732,6 +791,7 @@ class RankAllocator:
             self.shapes, self._layout = {}, None  # learned again from the next step's (local) weights
         self.reduce, self.parts = reduce, parts
         self._sc = None  # rebuilt with these on the next step
+        self._checked = None  # the rows each module holds are checked again
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -945,6 +1005,22 @@ def _triplet(entry: Any, what: str, parts_may_be_none: bool = True) -> Triplet:
             raise ValueError(f"{what}: {part} must be an array{' or None' if parts_may_be_none else ''}, "
                              f"got {type(t).__name__}")
     return entry if isinstance(entry, Triplet) else Triplet(*entry)
+
+
+def _structure(params: list[Array], grads: list[Array | None]) -> tuple[Any, ...] | None:
+    """What :meth:`RankAllocator._check_arrays_of` decides from, read in C-level passes; None if unreadable.
+
+    Every array's type and shape, which gradients are None, and the sets of
+    dtypes and weight devices: inputs that pass must have one weight dtype and
+    device, and gradients of that dtype, which the sets then pin down.
+    """
+    present = list(filter(_is_not_none, grads))
+    try:
+        return (tuple(map(type, params)), tuple(map(type, grads)), tuple(map(_SHAPE, params)),
+                tuple(map(_SHAPE, present)), frozenset(map(_DTYPE, params)), frozenset(map(_DTYPE, present)),
+                frozenset(map(_DEVICE, params)))
+    except (AttributeError, TypeError):  # not arrays, or unhashable dtypes or devices: checked in full
+        return None
 
 
 def _is_count(v: Any) -> bool:

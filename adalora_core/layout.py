@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from operator import itemgetter
 from typing import Any
 
 from ._xp import Array, device, namespace
@@ -95,6 +97,14 @@ class Layout:
                 self._slot[n] = (gi, j)
         self.numel = flat
         self.total_rank = score
+        # per group, its A, B and E blocks as getters of their arrays from a flat list in `names` order
+        # (module after module, A, E, B), and every part's (index in that list, size) in buffer order
+        index = {n: i for i, n in enumerate(self.names)}
+        self._getters = [tuple(_getter([3 * index[n] + k for n in g.names]) for k in (0, 2, 1)) for g in self.groups]
+        self._sizes = [(3 * index[n] + k, size) for g in self.groups
+                       for k, size in ((0, g.local_rank * g.in_features), (2, g.out_local * g.part.rank),
+                                       (1, g.local_rank))
+                       for n in g.names]
         # per module, the range of a (total_rank,) array that holds this process's rows of it
         self.local_slices = {n: (self._blocks[gi][3] + j * g.part.rank + g.part.rows[0],
                                  self._blocks[gi][3] + j * g.part.rank + g.part.rows[1])
@@ -111,20 +121,21 @@ class Layout:
 
     # ------------------------------------------------------------ flat buffers
 
-    def order(self, per_module: Mapping[str, Sequence[Any]]) -> list[Any]:
-        """``per_module[name] = (A, E, B)`` items in flat-buffer order."""
-        out: list[Any] = []
-        for g in self.groups:
-            for k in (0, 2, 1):  # A block, B block, E block
-                out.extend(per_module[n][k] for n in g.names)
-        return out
+    def flat(self, per_module: Mapping[str, Sequence[Any]]) -> list[Any]:
+        """``per_module[name] = (A, E, B)`` as one list in :attr:`names` order (what :meth:`pack` takes)."""
+        return [t for n in self.names for t in per_module[n]]
 
-    def pack(self, arrays: Mapping[str, Triplet], concat: Callable[[list[Array]], Array] | None = None) -> Array:
+    def pack(self, items: Sequence[Array]) -> Array:
         """One flat array holding every module's ``A``, ``B``, ``E`` in layout order.
 
-        ``concat``: a faster ``flat_concat`` of the arrays' backend, if it has one.
+        ``items``: every module's ``(A, E, B)`` in :attr:`names` order, flat
+        (see :meth:`flat`). A block of equal shapes is one ``concat`` along its
+        rows, whatever the number of modules: a per-array flatten costs a call
+        per array, which for hundreds of modules is most of an allocator step.
         """
-        return (concat or flat_concat)(self.order(arrays))
+        xp = namespace(items[0])
+        blocks = [xp.reshape(xp.concat(get(items), axis=0), (-1,)) for gets in self._getters for get in gets]
+        return xp.concat(blocks)
 
     def unpack(self, flat: Array) -> dict[str, Triplet]:
         """Per-module ``Triplet`` views into ``flat`` (no copies where the library allows views)."""
@@ -138,15 +149,18 @@ class Layout:
                                  xp.reshape(flat[b0 + j * nb: b0 + (j + 1) * nb], (g.out_local, g.part.rank)))
         return out
 
-    def segment_mask(self, present: Mapping[str, Sequence[bool]], xp: Any, like: Array) -> Array:
-        """A flat bool array: True over the parts (A, E, B) marked present, per module."""
-        pieces = []
-        for g in self.groups:
-            sizes = (g.local_rank * g.in_features, g.local_rank, g.out_local * g.part.rank)
-            for k in (0, 2, 1):
-                for n in g.names:
-                    pieces.append(xp.full((sizes[k],), bool(present[n][k]), dtype=xp.bool, device=device(like)))
-        return xp.concat(pieces)
+    def segment_mask(self, present: Sequence[bool], xp: Any, like: Array) -> Array:
+        """A flat bool array: True over the parts marked present (``present`` as :meth:`pack`'s items).
+
+        One ``full`` per run of equal values, so a few frozen modules cost a few ops, not one per part.
+        """
+        runs: list[list[Any]] = []
+        for i, size in self._sizes:
+            if runs and runs[-1][0] == bool(present[i]):
+                runs[-1][1] += size
+            else:
+                runs.append([bool(present[i]), size])
+        return xp.concat([xp.full((n,), v, dtype=xp.bool, device=device(like)) for v, n in runs])
 
     # ------------------------------------------------------------------ scores
 
@@ -191,10 +205,13 @@ class Layout:
         return namespace(*items).concat(items)
 
 
-def flat_concat(items: list[Array]) -> Array:
-    """The arrays, each flattened, one after the other in one 1-d array."""
-    xp = namespace(items[0])
-    return xp.concat([xp.reshape(t, (-1,)) for t in items])
+def _getter(idx: list[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``items -> tuple(items[i] for i in idx)`` in one C call (``itemgetter`` of one index returns the item)."""
+    return itemgetter(*idx) if len(idx) > 1 else partial(_one, idx[0])
+
+
+def _one(i: int, items: Sequence[Any]) -> tuple[Any]:
+    return (items[i],)
 
 
 def _pad_columns(xp: Any, t: Array, left: int, right: int) -> Array:

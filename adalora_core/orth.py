@@ -14,20 +14,27 @@ PEFT does, so the float32 value on torch is PEFT's bit for bit.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
 
 from ._xp import Array, namespace
 
+_SHAPE = attrgetter("shape")
 
-def _check(pairs: Sequence[tuple[Array, Array]], what: str) -> None:
+
+def _namespace(pairs: Sequence[tuple[Array, Array]], what: str) -> Any:
+    """The pairs' namespace, from one array per type (a mix of libraries is still named; hundreds of
+    modules are not walked one by one)."""
     if not pairs:
         raise ValueError(f"{what} needs at least one (A, B) pair")
+    return namespace(*{type(t): t for p in pairs for t in p}.values())
 
 
 def _groups(mats: Sequence[Array]) -> list[list[int]]:
     """Indices of ``mats`` grouped by shape, groups in order of first appearance."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, m in enumerate(mats):
-        by_shape.setdefault(tuple(m.shape), []).append(i)
+    for i, shape in enumerate(map(_SHAPE, mats)):
+        by_shape.setdefault(shape, []).append(i)
     return list(by_shape.values())
 
 
@@ -49,8 +56,7 @@ def orth_reg(pairs: Sequence[tuple[Array, Array]], *, peft_order: bool = False) 
     Grouped by shape (see the module docstring) unless ``peft_order``.
     Matrices of rank 0 count in the mean with a norm of 0, as in PEFT.
     """
-    _check(pairs, "orth_reg")
-    xp = namespace(*(t for p in pairs for t in p))
+    xp = _namespace(pairs, "orth_reg")
     total = None
     if peft_order:
         for A, B in pairs:
@@ -60,7 +66,7 @@ def orth_reg(pairs: Sequence[tuple[Array, Array]], *, peft_order: bool = False) 
     else:
         for mats, rows in _sides(pairs):
             for idx in _groups(mats):
-                R = _residual(xp, xp.stack([mats[i] for i in idx]), rows)
+                R = _residual(xp, xp.stack(mats if len(idx) == len(mats) else [mats[i] for i in idx]), rows)
                 n = xp.sum(xp.linalg.vector_norm(R, axis=(-2, -1)))
                 total = n if total is None else total + n
     assert total is not None
@@ -73,8 +79,7 @@ def orth_reg_grad(pairs: Sequence[tuple[Array, Array]]) -> list[tuple[Array, Arr
     d||M||/dA = 2 M A / ||M|| for M = A Aᵀ - I (and 2 B M / ||M|| for
     M = Bᵀ B - I); zero where ||M|| = 0, where the norm has no gradient.
     """
-    _check(pairs, "orth_reg_grad")
-    xp = namespace(*(t for p in pairs for t in p))
+    xp = _namespace(pairs, "orth_reg_grad")
     scale = 2.0 / (2 * len(pairs))
     grads: list[list[Array | None]] = [[None, None] for _ in pairs]
     for side, (mats, rows) in enumerate(_sides(pairs)):

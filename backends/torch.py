@@ -75,11 +75,6 @@ def normalise_device(device: str | int | torch.device | None = None) -> torch.de
     return dev
 
 
-def flatten_dense_tensors(items):
-    """The core's ``flat_concat`` in one call into C++ (what DDP uses to bucket gradients)."""
-    return torch._utils._flatten_dense_tensors(list(items))
-
-
 class TorchBackend(Backend):
     def __init__(self, device: Any = None) -> None:
         dev = normalise_device(device)
@@ -89,7 +84,7 @@ class TorchBackend(Backend):
             raise ValueError(f"torch device {str(dev)!r} requested but there are {torch.cuda.device_count()} "
                              "CUDA devices (indices from 0)")
         super().__init__(name="torch", xp=xp_torch, device=dev,
-                         ops={"ema_update": foreach_ema_update, "flat_concat": flatten_dense_tensors})
+                         ops={"ema_update": foreach_ema_update})
 
     def asarray(self, obj, dtype=None):
         return torch.as_tensor(obj, dtype=None if dtype is None else self.dtype(dtype), device=self.device)

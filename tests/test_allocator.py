@@ -436,3 +436,69 @@ def test_grads_as_plain_sequences_equal_triplets():
     assert_unchanged(b, snapshot(a))
     for n in SHAPES:
         np.testing.assert_array_equal(ea[n], eb[n])
+
+
+@pytest.mark.parametrize("case", ["grad_dtype", "weight_dtype", "grad_shape", "weight_shape", "grad_missing",
+                                  "library_mix"])
+def test_inputs_changed_after_good_steps_are_checked_again(case):
+    """Inputs of a known structure skip the per-module checks; any change of structure runs them again."""
+    alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    params, grads = make(0), make(1)
+    for step in (1, 2):
+        alloc.update_and_allocate(step, params, grads)
+    arrays0, meta0 = alloc.state_dict()
+    b = grads["b"]
+    if case == "grad_dtype":
+        grads = {**grads, "b": b._replace(A=b.A.astype(np.float32))}
+    elif case == "weight_dtype":
+        params = {n: Triplet(*(t.astype(np.float32) for t in p)) for n, p in params.items()}
+    elif case == "grad_shape":
+        grads = {**grads, "b": b._replace(A=b.A.T.copy().reshape(b.A.shape[::-1]))}
+    elif case == "weight_shape":
+        p = params["c"]
+        params = {**params, "c": p._replace(A=np.zeros((4, 9)))}
+    elif case == "grad_missing":
+        grads = {**grads, "b": b._replace(E=None)}
+    else:
+        pytest.importorskip("torch")
+        import torch
+
+        grads = {**grads, "b": b._replace(A=torch.from_numpy(b.A))}
+    if case == "grad_missing":  # allowed, but seen: counted and warned
+        with pytest.warns(AdaLoraWarning, match="no gradient"):
+            alloc.update_and_allocate(3, params, grads)
+        assert alloc.missing_grads["b"] == 1
+        return
+    with pytest.raises((ValueError, TypeError)):
+        alloc.update_and_allocate(3, params, grads)
+    arrays1, meta1 = alloc.state_dict()
+    assert meta0 == meta1 and arrays0.keys() == arrays1.keys()
+    for k in arrays0:
+        np.testing.assert_array_equal(arrays0[k], arrays1[k])
+
+
+def test_flat_inputs_equal_mappings():
+    """advance() on flat lists (names order, A, E, B) is advance() on mappings, mask for mask."""
+    by_map, flat = (RankAllocator(CFG, {n: 4 for n in SHAPES}) for _ in range(2))
+    for step in range(CFG.total_step + 1):
+        params, grads = make(step), make(100 + step)
+        if step == 7:
+            grads = {**grads, "c": None}
+        a = by_map.advance(step, params, grads)
+        none = (None, None, None)
+        b = flat.advance(step, [t for n in flat.names for t in params[n]],
+                         [t for n in flat.names for t in (grads[n] or none)])
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert list(a) == flat.names and all(np.array_equal(a[n], m) for n, m in zip(flat.names, b))
+    assert by_map.rank_pattern == flat.rank_pattern and by_map.missing_grads == flat.missing_grads
+
+
+def test_flat_inputs_of_the_wrong_length_are_refused():
+    alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
+    params = [t for p in make(0).values() for t in p]
+    with pytest.raises(ValueError, match="sequences of 9"):
+        alloc.advance(1, params[:-1], params[:-1])
+    with pytest.raises(ValueError, match="sequences of 9"):
+        alloc.advance(1, params)  # flat params need flat grads
+    assert alloc.last_step is None

@@ -511,3 +511,49 @@ def test_bf16_base_trains_with_float32_adapter_gradients():
     om.update_and_allocate(0)
     ema = om.allocator.ema_ipt["blocks.0.up"]
     assert all(t.dtype == torch.float32 and bool(t.abs().sum() > 0) for t in ema)
+
+
+def test_a_parameter_replaced_after_the_first_steps_is_the_one_used():
+    """The per-step parameter cache notices an assignment into lora_A/lora_E of any module, not just the first."""
+    om = wrap(init_lora_weights=False)
+    for s in range(3):
+        _one_step(om, s)
+    layer = om.svd_layers()["blocks.1.down"]
+    old_A, old_E = layer.lora_A["default"], layer.lora_E["default"]
+    new_A, new_E = (nn.Parameter(t.detach().clone()) for t in (old_A, old_E))
+    old_values = old_E.detach().clone()
+    layer.lora_A["default"], layer.lora_E["default"] = new_A, new_E
+    om.orth_loss().backward()
+    assert new_A.grad is not None and old_A.grad is None
+    om.zero_grad()
+    for s in range(3, 7):  # into the budgeting phase: masks are written into E
+        _one_step(om, s)
+    pattern = om.allocator.rank_pattern["blocks.1.down.lora_E"]
+    assert not all(pattern)
+    assert all(bool(new_E[i, 0] == 0) for i, kept in enumerate(pattern) if not kept)
+    assert torch.equal(old_E.detach(), old_values)  # the old one is no longer written
+
+
+@pytest.mark.parametrize("change", ["cast", "replaced_by_another_shape"])
+def test_a_parameter_changed_after_the_first_steps_is_refused(change):
+    """A parameter cast in place (``.data`` keeps the object) or replaced by one of another shape is
+    caught by the allocator's checks after steps that ran with the per-module checks skipped."""
+    om = wrap(init_lora_weights=False)
+    for s in range(3):
+        _one_step(om, s)
+    out = om(**x_mlp(3))
+    (out.loss + om.orth_loss()).backward()
+    layer = om.svd_layers()["blocks.1.down"]
+    A = layer.lora_A["default"]
+    if change == "cast":
+        A.data = A.data.double()
+    else:
+        layer.lora_A["default"] = nn.Parameter(torch.zeros(A.shape[0], A.shape[1] + 1))
+        layer.lora_A["default"].grad = torch.zeros_like(layer.lora_A["default"])
+    snap = snapshot(om)
+    arrays, meta = om.allocator.state_dict()
+    with pytest.raises(ValueError, match="blocks.1.down|dtype"):
+        om.update_and_allocate(3)
+    a2, m2 = om.allocator.state_dict()
+    assert m2 == meta and all(torch.equal(arrays[k], a2[k]) for k in arrays)
+    assert unchanged(om, snap)

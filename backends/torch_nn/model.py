@@ -25,7 +25,8 @@ import inspect
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from operator import attrgetter, is_, itemgetter
+from typing import Any, NamedTuple, cast
 
 import torch
 from adalora_core.backends import get_backend
@@ -46,7 +47,15 @@ from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
 from . import allocator_state
-from .distributed import check_agreement, full, local, mesh_group, parts_of, score_reduce
+from .distributed import (
+    check_agreement,
+    full,
+    is_dtensor,
+    local,
+    mesh_group,
+    parts_of,
+    score_reduce,
+)
 from .layer import SVDLayer, check_supported, layer_kind, wrap
 from .modules_to_save import wrapper_prefixes
 from .peft_compat import (
@@ -64,6 +73,18 @@ from .targets import find_targets, get_submodule_parent
 
 STATE_FORMAT = "adalora_core.torch_nn.training_state"
 PARTS = (("lora_A", "A"), ("lora_E", "E"), ("lora_B", "B"))
+_GRAD, _PARAMETERS = attrgetter("grad"), attrgetter("_parameters")
+
+
+class _StepParameters(NamedTuple):
+    """The trainable adapter's parameters, gathered once for the per-step calls (see ``_step_parameters``)."""
+
+    layers: Any  # the layer cache they were read from
+    name: str
+    stores: list[nn.ParameterDict]  # lora_A, lora_E, lora_B of each module, in module order
+    params: list[nn.Parameter]  # what they hold under `name`, in the same order
+    weights: dict[str, Triplet]  # the same parameters by module
+    sharded: bool  # some are DTensors (FSDP2): the allocator takes their local part, orth_loss the whole
 
 
 def _check_adapter_name(name: Any) -> None:
@@ -106,7 +127,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self.verify_masks = verify_masks
         self._group: Any = None
         self._dist_for: RankAllocator | None = None
-        self._param_cache: tuple[Any, str, dict[str, Triplet]] | None = None
+        self._param_cache: _StepParameters | None = None
         # adapter -> module -> kept indices into init_r, for modules loaded at a pruned rank
         self._kept_index: dict[str, dict[str, list[int]]] = {}
         self._unloaded = False
@@ -391,34 +412,48 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self._check_orth_used()
         name = self._require_trainable()
         assert self.allocator is not None
-        weights = self._step_parameters(name)
-        self._ensure_distributed(weights)
+        cached = self._step_parameters(name)
+        self._ensure_distributed(cached.weights)
         with torch.no_grad():
-            params = {p: Triplet(*(local(t) for t in trip)) for p, trip in weights.items()}
-            grads = {p: Triplet(*(local(t.grad) for t in trip)) for p, trip in weights.items()}
-            keep = self.allocator.advance(step, params, grads, mask_dtype=next(iter(params.values())).E.dtype)
+            params: list[Any] = cached.params
+            grads = list(map(_GRAD, params))
+            if cached.sharded:
+                params, grads = [local(t) for t in params], [local(g) for g in grads]
+            keep = self.allocator.advance(step, params, grads, mask_dtype=params[1].dtype)
             if keep is None:
                 return
-            Es = [params[p].E for p in params]
-            torch._foreach_mul_(Es, [keep[p] for p in params])
+            Es = params[1::3]
+            torch._foreach_mul_(Es, cast(list, keep))  # a list for flat inputs
             torch._foreach_add_(Es, 0.0)  # -0.0 -> 0.0, as PEFT's masked_fill writes
         if self.verify_masks and self._group is not None and self.allocator.masks:
             check_agreement(self.allocator.keep_flat(), self._group)  # type: ignore[arg-type]  # masks exist
 
-    def _step_parameters(self, name: str) -> dict[str, Triplet]:
-        """The adapter's parameters by module, cached for the per-step path (walking hundreds of
+    def _step_parameters(self, name: str) -> _StepParameters:
+        """The adapter's parameters, cached for the per-step calls (walking hundreds of
         ParameterDicts costs more than the allocator's arithmetic). A structural change (a load, a
-        deleted adapter) drops the layer cache and so this one; a parameter swapped under it (as
-        ``fully_shard`` does) is noticed on the first module."""
-        cached = self._param_cache
-        if cached is not None and cached[0] is self._layers and cached[1] == name:
-            path, trip = next(iter(cached[2].items()))
-            layer = self._layers[path]  # type: ignore[index]
-            if trip.A is layer.lora_A[name] and trip.B is layer.lora_B[name] and trip.E is layer.lora_E[name]:
-                return cached[2]
-        params = self._triplets(name, detach=False)
-        self._param_cache = (self._layers, name, params)
-        return params
+        deleted adapter) drops the layer cache and so this one; a parameter replaced under it (as
+        ``fully_shard`` does, or an assignment into ``lora_A[name]``) is noticed by one identity
+        pass over the ParameterDicts' entries. A parameter changed in place (``.data``, a cast) is
+        the same object: the allocator's own checks see its new shape or dtype."""
+        c = self._param_cache
+        if c is not None and c.layers is self._layers and c.name == name:
+            try:
+                if all(map(is_, map(itemgetter(name), map(_PARAMETERS, c.stores)), c.params)):
+                    return c
+            except KeyError:  # an entry deleted from a ParameterDict: gathered again below
+                pass
+        found = self._triplets(name, detach=False)
+        names = self.allocator.names if self.allocator is not None else list(found)
+        if set(names) != set(found):
+            raise ValueError(f"the modules holding adapter {name!r} are not the allocator's: missing "
+                             f"{sorted(set(names) - set(found))[:4]}, unknown {sorted(set(found) - set(names))[:4]}")
+        weights = {path: found[path] for path in names}  # the allocator's order: it takes them flat
+        layers = self._adapter_layers(name)
+        stores = [getattr(layers[path], attr) for path in weights for attr, _ in PARTS]
+        params = [t for trip in weights.values() for t in trip]
+        self._param_cache = _StepParameters(self._layers, name, stores, params, weights,
+                                            any(is_dtensor(t) for t in params))
+        return self._param_cache
 
     def _ensure_distributed(self, weights: Mapping[str, Triplet]) -> None:
         """Once per allocator, at its first step or load (after any ``fully_shard``): which rows are
@@ -452,10 +487,13 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         self._orth_called = True
         name = self._require_trainable()
         weight = self.peft_config[name].orth_reg_weight
-        pairs = [(full(t.A), full(t.B)) for t in self._triplets(name, detach=False).values()]
+        cached = self._step_parameters(name)
         if weight == 0:
-            ref = pairs[0][0]
+            ref: Any = local(cached.params[0])
             return torch.zeros((), dtype=ref.dtype, device=ref.device)
+        pairs = list(zip(cached.params[0::3], cached.params[2::3]))
+        if cached.sharded:
+            pairs = [(full(A), full(B)) for A, B in pairs]
         return weight * orth_reg(pairs, peft_order=self.exact_peft)
 
     # ---------------------------------------------------------- rank pattern
