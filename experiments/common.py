@@ -98,6 +98,9 @@ def environment(device: str) -> dict[str, Any]:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         git = ["git", "-C", root]
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], check=False, capture_output=True, text=True)
+        if os.path.realpath(top.stdout.strip() or "/nonexistent") != os.path.realpath(root):
+            raise OSError("not a git checkout of this repository")  # e.g. a copy inside another repository
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                                 text=True).stdout.strip()
         if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "adalora_core", "backends"], check=False).returncode:
