@@ -55,16 +55,19 @@ def get_backend(name: str | Backend | None = None, device: Any = None) -> Backen
         raise ValueError(f"unknown backend {name!r}; known: {sorted(_REGISTRY)}")
     if key in _missing:  # a failed import is not retried (retrying torch's can abort the process)
         raise ValueError(f"backend {key!r} is not available here ({_missing[key]})")
-    cache_key = (key, str(device))
+    module, cls = _REGISTRY[key]
+    try:
+        mod = importlib.import_module(f"{__name__}.{module}")
+    except ImportError as exc:
+        _missing[key] = str(exc)
+        raise ValueError(f"backend {key!r} is not available here ({exc}); "
+                         "see adalora_core.available_backends()") from exc
+    # A module's normalise_device keys the cache by the device a name means now (torch's "cuda": the current one).
+    normalise = getattr(mod, "normalise_device", None)
+    dev = device if normalise is None else normalise(device)
+    cache_key = (key, str(dev))
     if cache_key not in _cache:
-        module, cls = _REGISTRY[key]
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ImportError as exc:
-            _missing[key] = str(exc)
-            raise ValueError(f"backend {key!r} is not available here ({exc}); "
-                             "see adalora_core.available_backends()") from exc
-        _cache[cache_key] = getattr(mod, cls)(device)
+        _cache[cache_key] = getattr(mod, cls)(dev)
     return _cache[cache_key]
 
 
