@@ -33,16 +33,14 @@ from ._xp import Array, device, host_np, namespace, to_numpy
 from .checkpoint import (
     PREFIX,
     Header,
-    load_arrays,
-    read_header,
     read_peft_dir,
-    save_arrays,
     save_peft_dir,
 )
 from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .ewc import EwcState
 from .lora import LoraAdapter, a_side_from_v1, all_finite
+from .schema import Declared, Schema
 from .validate import Problems
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "PEFT_LORA_CONFIG", "AdaptFeedback", "MicroLoRA"]
@@ -51,6 +49,7 @@ FORMAT = "adalora_core.microlora"
 #: Version 2 stores the A-side arrays (``lora_A``, ``grad_A``, ``ewc.*_a``) as ``(r, in)``; version 1
 #: (``(in, r)``) is read too.
 FORMAT_VERSION = 2
+SCHEMA = Schema(FORMAT, FORMAT_VERSION, {1: a_side_from_v1})
 
 #: The fields of PEFT's LoRA ``adapter_config.json`` that :meth:`MicroLoRA.save_peft` writes besides
 #: ``r``, ``lora_alpha``, ``target_modules``, ``task_type`` and ``base_model_name_or_path``: plain LoRA,
@@ -440,8 +439,6 @@ class MicroLoRA:
                     info["window_steps"] = st.window_steps
             modules[m] = info
         meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
             "dtype": self.dtype_name,
             "config": self.config.to_dict(),
             "ewc": None if self.ewc_config is None else self.ewc_config.to_dict(),
@@ -451,7 +448,7 @@ class MicroLoRA:
             "skipped": self._skipped,
             "modules": modules,
         }
-        save_arrays(path, arrays, meta)
+        SCHEMA.write(path, arrays, meta)
 
     @classmethod
     def load(cls, path: Any, backend: Any = None, *, dtype: Any = None) -> MicroLoRA:
@@ -462,56 +459,53 @@ class MicroLoRA:
         finite values, counters) before the object is built: a bad file
         raises :class:`~adalora_core.errors.CheckpointError` and nothing is created.
         """
-        meta = read_header(path).meta  # the arrays are read once the shapes it implies are checked
-        where = str(path)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(f"{where}: not a MicroLoRA checkpoint (format {meta.get('format')!r}, "
-                                  f"expected {FORMAT!r})" if isinstance(meta, dict) else f"{where}: bad metadata")
-        version = meta.get("version")
-        if version not in (1, FORMAT_VERSION):
-            raise CheckpointError(f"{where}: format version {version!r} is not supported (this library reads "
-                                  f"versions 1 to {FORMAT_VERSION})")
-        try:
-            config = MicroLoraConfig.from_dict(meta["config"])
-            ewc_cfg = None if meta.get("ewc") is None else EwcConfig.from_dict(meta["ewc"])
-            saved_dtype = meta["dtype"]
-            if saved_dtype not in ("float32", "float64"):
-                raise ValueError(f"dtype {saved_dtype!r} is not supported")
-            modules = meta["modules"]
-            if not isinstance(modules, dict) or sorted(modules) != sorted(config.target_modules):
-                raise ValueError(f"modules {sorted(modules) if isinstance(modules, dict) else modules!r} do not "
-                                 f"match the config's target_modules {sorted(config.target_modules)}")
-            counters = {"adaptation_count": meta["adaptation_count"], "skipped": meta["skipped"]}
-            for m, info in modules.items():
-                for k in ("pending", "forward_calls", "skipped_updates") + (("window_steps",) if ewc_cfg else ()):
-                    counters[f"{m}.{k}"] = info[k]
-            for k, v in counters.items():
-                check_int(k, v, 0)
-            if not isinstance(meta.get("enabled"), bool):
-                raise TypeError(f"enabled={meta.get('enabled')!r} must be a bool")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
-        expect: dict[str, tuple[tuple[int, ...], str]] = {}
-        r = config.rank
-        for m in config.target_modules:
-            i, o = config.dims(m)
-            a = (r, i) if version == FORMAT_VERSION else (i, r)
-            spec: dict[str, tuple[int, ...]] = {"lora_A": a, "lora_B": (r, o), "grad_A": a, "grad_B": (r, o)}
-            if config.use_bias:
-                spec.update(bias=(o,), grad_bias=(o,))
-            if ewc_cfg is not None:
-                spec.update({"ewc.fisher_a": a, "ewc.fisher_b": (r, o), "ewc.optimal_a": a,
-                             "ewc.optimal_b": (r, o), "ewc.window_a": a, "ewc.window_b": (r, o)})
-            for k, shape in spec.items():
-                expect[f"{m}.{k}"] = (shape, saved_dtype)
-        host, _ = load_arrays(path, expect, meta=meta)
-        if version == 1:
-            host = a_side_from_v1(host)
+        parsed: dict[str, Any] = {}
+
+        def declare(meta: Mapping[str, Any], version: int, p: Problems) -> Declared:
+            try:
+                config = MicroLoraConfig.from_dict(meta["config"])
+                ewc_cfg = None if meta.get("ewc") is None else EwcConfig.from_dict(meta["ewc"])
+                saved_dtype = meta["dtype"]
+                if saved_dtype not in ("float32", "float64"):
+                    raise ValueError(f"dtype {saved_dtype!r} is not supported")
+                modules = meta["modules"]
+                if not isinstance(modules, dict) or sorted(modules) != sorted(config.target_modules):
+                    raise ValueError(f"modules {sorted(modules) if isinstance(modules, dict) else modules!r} do "
+                                     f"not match the config's target_modules {sorted(config.target_modules)}")
+                counters = {"adaptation_count": meta["adaptation_count"], "skipped": meta["skipped"]}
+                for m, info in modules.items():
+                    for k in ("pending", "forward_calls", "skipped_updates") + (("window_steps",) if ewc_cfg else ()):
+                        counters[f"{m}.{k}"] = info[k]
+                for k, v in counters.items():
+                    check_int(k, v, 0)
+                if not isinstance(meta.get("enabled"), bool):
+                    raise TypeError(f"enabled={meta.get('enabled')!r} must be a bool")
+            except (KeyError, TypeError, ValueError) as exc:
+                p.add(f"invalid metadata: {exc}")
+                return Declared({})
+            parsed.update(config=config, ewc=ewc_cfg, dtype=saved_dtype)
+            expect: dict[str, tuple[tuple[int, ...], str]] = {}
+            r = config.rank
+            for m in config.target_modules:
+                i, o = config.dims(m)
+                a = (r, i) if version == FORMAT_VERSION else (i, r)
+                spec: dict[str, tuple[int, ...]] = {"lora_A": a, "lora_B": (r, o), "grad_A": a, "grad_B": (r, o)}
+                if config.use_bias:
+                    spec.update(bias=(o,), grad_bias=(o,))
+                if ewc_cfg is not None:
+                    spec.update({"ewc.fisher_a": a, "ewc.fisher_b": (r, o), "ewc.optimal_a": a,
+                                 "ewc.optimal_b": (r, o), "ewc.window_a": a, "ewc.window_b": (r, o)})
+                for k, shape in spec.items():
+                    expect[f"{m}.{k}"] = (shape, saved_dtype)
+            return Declared(expect)
+
+        host, meta, _ = SCHEMA.read(path, declare)
+        config, ewc_cfg, saved_dtype, modules = parsed["config"], parsed["ewc"], parsed["dtype"], meta["modules"]
         for m in config.target_modules:
             for k in ("ewc.fisher_a", "ewc.fisher_b", "ewc.window_a", "ewc.window_b"):
                 key = f"{m}.{k}"
                 if key in host and bool((host[key] < 0).any()):
-                    raise CheckpointError(f"{where}: {key!r} has negative values (a Fisher is >= 0)")
+                    raise CheckpointError(f"{path}: {key!r} has negative values (a Fisher is >= 0)")
         target_dtype = saved_dtype if dtype is None else dtype
         seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0
         obj = cls(config, backend, seed=seed, ewc=ewc_cfg, dtype=target_dtype)

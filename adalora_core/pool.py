@@ -28,11 +28,10 @@ import heapq
 import math
 import threading
 import warnings
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ._xp import Array, host_np
-from .checkpoint import load_arrays, read_header, save_arrays
 from .config import check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .lora import (
@@ -45,12 +44,15 @@ from .lora import (
     dtype_name,
     lora_forward_add_batched,
 )
+from .schema import Declared, Schema
+from .validate import Problems
 
 __all__ = ["POOL_FORMAT", "POOL_FORMAT_VERSION", "AdapterPool"]
 
 POOL_FORMAT = "adalora_core.adapter_pool"
 #: Version 2 stores ``lora_A`` and ``grad_A`` as ``(n, r, in)``; version 1 (``(n, in, r)``) is read too.
 POOL_FORMAT_VERSION = 2
+SCHEMA = Schema(POOL_FORMAT, POOL_FORMAT_VERSION, {1: a_side_from_v1})
 
 
 class AdapterPool:
@@ -325,56 +327,52 @@ class AdapterPool:
             arrays = {k: (host_np.stack(v) if v else host_np.zeros((0, *shapes[k]), dtype=self.dtype_name))
                       for k, v in stacks.items()}
             meta = {
-                "format": POOL_FORMAT, "version": POOL_FORMAT_VERSION, "dtype": self.dtype_name,
+                "dtype": self.dtype_name,
                 "in_features": i, "out_features": o, "rank": r, "alpha": self.alpha, "init": self.init,
                 "seed": self.seed, "sessions": ids, "pending": pending, "forward_calls": fwd,
                 "skipped_updates": skipped, "pool_forward_calls": self.forward_calls,
                 "skipped_requests": self.skipped_requests,
             }
-        save_arrays(path, arrays, meta)
+        SCHEMA.write(path, arrays, meta)
 
     @classmethod
     def load(cls, path: Any, backend: Any = None, *, dtype: Any = None) -> AdapterPool:
         """A pool from :meth:`save`'s file; everything is checked first (CheckpointError)."""
-        meta = read_header(path).meta  # the arrays are read once the shapes it implies are checked
-        where = str(path)
-        if not isinstance(meta, dict) or meta.get("format") != POOL_FORMAT:
-            raise CheckpointError(f"{where}: not an adapter-pool checkpoint")
-        version = meta.get("version")
-        if version not in (1, POOL_FORMAT_VERSION):
-            raise CheckpointError(f"{where}: format version {version!r} is not supported (this "
-                                  f"library reads versions 1 to {POOL_FORMAT_VERSION})")
-        try:
-            i, o, r = meta["in_features"], meta["out_features"], meta["rank"]
-            for k, v in (("in_features", i), ("out_features", o), ("rank", r)):
-                check_int(k, v, 1)
-            check_float("alpha", meta["alpha"], 0.0, low_open=True)
-            if meta["init"] not in LORA_INITS or meta["dtype"] not in ("float32", "float64"):
-                raise ValueError(f"init {meta['init']!r} / dtype {meta['dtype']!r} not supported")
-            ids = meta["sessions"]
-            if not isinstance(ids, list) or any(isinstance(s, bool) or not isinstance(s, (str, int)) for s in ids) \
-                    or len(set(ids)) != len(ids):
-                raise ValueError("sessions must be a list of distinct str/int ids")
-            n = len(ids)
-            for k in ("pending", "forward_calls", "skipped_updates"):
-                v = meta[k]
-                if not isinstance(v, list) or len(v) != n:
-                    raise ValueError(f"{k} must have one entry per session")
-                for c in v:
-                    check_int(k, c, 0)
-            check_int("pool_forward_calls", meta["pool_forward_calls"], 0)
-            check_int("skipped_requests", meta["skipped_requests"], 0)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: invalid metadata: {exc}") from exc
+        def declare(meta: Mapping[str, Any], version: int, p: Problems) -> Declared:
+            try:
+                i, o, r = meta["in_features"], meta["out_features"], meta["rank"]
+                for k, v in (("in_features", i), ("out_features", o), ("rank", r)):
+                    check_int(k, v, 1)
+                check_float("alpha", meta["alpha"], 0.0, low_open=True)
+                if meta["init"] not in LORA_INITS or meta["dtype"] not in ("float32", "float64"):
+                    raise ValueError(f"init {meta['init']!r} / dtype {meta['dtype']!r} not supported")
+                ids = meta["sessions"]
+                if not isinstance(ids, list) or len(set(ids)) != len(ids) or \
+                        any(isinstance(s, bool) or not isinstance(s, (str, int)) for s in ids):
+                    raise ValueError("sessions must be a list of distinct str/int ids")
+                n = len(ids)
+                for k in ("pending", "forward_calls", "skipped_updates"):
+                    v = meta[k]
+                    if not isinstance(v, list) or len(v) != n:
+                        raise ValueError(f"{k} must have one entry per session")
+                    for c in v:
+                        check_int(k, c, 0)
+                check_int("pool_forward_calls", meta["pool_forward_calls"], 0)
+                check_int("skipped_requests", meta["skipped_requests"], 0)
+            except (KeyError, TypeError, ValueError) as exc:
+                p.add(f"invalid metadata: {exc}")
+                return Declared({})
+            dt = meta["dtype"]
+            a_side = (n, r, i) if version == POOL_FORMAT_VERSION else (n, i, r)
+            return Declared({"lora_A": (a_side, dt), "lora_B": ((n, r, o), dt), "grad_A": (a_side, dt),
+                             "grad_B": ((n, r, o), dt)})
+
+        host, meta, _ = SCHEMA.read(path, declare)
+        i, o, r, ids = meta["in_features"], meta["out_features"], meta["rank"], meta["sessions"]
         dt = meta["dtype"]
-        a_side = (n, r, i) if version == POOL_FORMAT_VERSION else (n, i, r)
-        host, _ = load_arrays(path, {"lora_A": (a_side, dt), "lora_B": ((n, r, o), dt),
-                                     "grad_A": (a_side, dt), "grad_B": ((n, r, o), dt)}, meta=meta)
-        if version == 1:
-            host = a_side_from_v1(host)
         pool = cls(i, o, r, meta["alpha"], backend=backend, dtype=dt if dtype is None else dtype,
                    seed=meta["seed"] if isinstance(meta.get("seed"), int) else 0, init=meta["init"],
-                   capacity=max(n, 1))
+                   capacity=max(len(ids), 1))
         be = pool.backend
         for j, s in enumerate(ids):
             ad = pool.create(s)

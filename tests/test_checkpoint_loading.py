@@ -261,9 +261,9 @@ _TORCH_STATE = "from adalora_core.backends.torch_nn import _parity as P; om = P.
 
 @pytest.mark.parametrize(("setup", "save", "key", "call", "why"), [
     (_TORCH_STATE, "om.save_training_state(PATH)", "weights.{m}.lora_A", "om.load_training_state(PATH)",
-     "more than a training state of this model can"),
+     "expected ("),
     (_TORCH_STATE, "om.save_training_state(PATH)", "allocator.ema_ipt.{m}.A", "om.load_training_state(PATH)",
-     "more than a training state of this model can"),
+     "expected ("),
     ("from adalora_core import MicroLoRA, MicroLoraConfig",
      "MicroLoRA(MicroLoraConfig(rank=1, in_features=8, out_features=8, target_modules=['q_proj'])).save(PATH)",
      "q_proj.lora_A", "MicroLoRA.load(PATH)", "expected (1, 8)"),

@@ -308,7 +308,7 @@ def test_save_load_errors(tmp_path):
         (rewrite(edit_arrays=lambda a: a.__setitem__("lora_A", a["lora_A"][:1])), "shape"),
         (rewrite(edit_meta=lambda m: m.__setitem__("sessions", ["a", "a"])), "distinct"),
         (rewrite(edit_meta=lambda m: m.__setitem__("pending", [0])), "one entry per session"),
-        (rewrite(edit_meta=lambda m: m.__setitem__("format", "adalora_core.microlora")), "not an adapter-pool"),
+        (rewrite(edit_meta=lambda m: m.__setitem__("format", "adalora_core.microlora")), "not a state of kind"),
     ]:
         with pytest.raises(CheckpointError, match=match):
             AdapterPool.load(bad)

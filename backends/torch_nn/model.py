@@ -32,17 +32,15 @@ import torch
 from adalora_core.backends import get_backend
 from torch import nn
 
-from adalora_core.allocator import RankAllocator
+from adalora_core.allocator import KINDS, RankAllocator
 from adalora_core.checkpoint import (
-    load_arrays,
     read_adapter,
     read_adapter_config,
-    read_header,
     save_adapter,
-    save_arrays,
 )
 from adalora_core.config import AdaLoraConfig
 from adalora_core.orth import orth_reg
+from adalora_core.schema import Declared, Schema, dtype_name
 from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
@@ -71,7 +69,7 @@ from .peft_compat import (
 )
 from .targets import find_targets, get_submodule_parent
 
-STATE_FORMAT = "adalora_core.torch_nn.training_state"
+TRAINING_STATE = Schema("adalora_core.torch_nn.training_state", 1)
 PARTS = (("lora_A", "A"), ("lora_E", "E"), ("lora_B", "B"))
 _GRAD, _PARAMETERS = attrgetter("grad"), attrgetter("_parameters")
 
@@ -661,6 +659,8 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
         With the optimizer's own ``state_dict`` this is everything an exact
         resume needs (PEFT saves neither the importance EMAs nor the budget).
+        Its layout is declared by ``_declare_training_state`` (one
+        :class:`~adalora_core.schema.Schema` with MicroLoRA's and the pool's).
         """
         self._check_loaded()
         name = self._require_trainable()
@@ -672,52 +672,56 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         arrays, meta = self.allocator.state_dict()
         for k, v in arrays.items():
             tensors[f"allocator.{k}"] = v.detach().clone()
-        return tensors, {"format": STATE_FORMAT, "version": 1, "adapter_name": name, "allocator": meta,
-                         "kept_index": self._kept_index.get(name, {})}
+        return tensors, TRAINING_STATE.stamp({"adapter_name": name, "allocator": meta,
+                                              "kept_index": self._kept_index.get(name, {})})
+
+    def _declare_training_state(self, meta: Mapping[str, Any], version: int, p: Problems) -> Declared:
+        """The arrays of this model's training state: every weight, and the allocator's EMAs (both, all
+        three parts, every module) and masks (every module) when it has them; ``meta``'s own fields checked."""
+        name = self._require_trainable()
+        p.require(isinstance(meta.get("adapter_name"), str),
+                  f"adapter_name={meta.get('adapter_name')!r} must be a string")
+        layers = self._adapter_layers(name)
+        _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
+        weights, emas = {}, {}
+        for path, layer in layers.items():
+            for attr, part in PARTS:
+                t = getattr(layer, attr)[name]
+                spec = (tuple(t.shape), dtype_name(t))
+                weights[f"weights.{path}.{attr}"] = spec
+                emas.update({f"allocator.{kind}.{path}.{part}": spec for kind in KINDS})
+        assert self.allocator is not None
+        masks = {f"allocator.mask.{path}": ((r,), "bool") for path, r in self.allocator.ranks.items()}
+        return Declared(weights, (emas, masks))
 
     def load_training_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`training_state_dict` output; everything is checked before anything changes.
 
         A refused state raises one :class:`~adalora_core.errors.CheckpointError` listing every problem
-        (its weights, its metadata and its allocator part, checked by the
+        (its layout, its metadata and its allocator part, checked by the
         allocator against these weights) and leaves the weights, the allocator
         and its step exactly as they were.
         """
         self._check_loaded()
         name = self._require_trainable()
         assert self.allocator is not None
-        p = Problems("training state")
-        meta = p.mapping(meta, "its metadata")
-        p.require(meta.get("format") == STATE_FORMAT,
-                  f"not a training state of this library (format={meta.get('format')!r})")
-        version = meta.get("version")
-        p.require(type(version) is int and version == 1, f"version={version!r} is not one this library reads (1)")
-        p.require(isinstance(meta.get("adapter_name"), str),
-                  f"adapter_name={meta.get('adapter_name')!r} must be a string")
-        if not isinstance(tensors, Mapping):
-            p.add(f"its tensors must be a mapping of name to tensor, got {type(tensors).__name__}")
-            tensors = {}
-        parts: dict[str, dict[str, torch.Tensor]] = {"weights": {}, "allocator": {}}
-        for key, t in tensors.items():
-            kind, _, rest = str(key).partition(".")
-            if p.require(kind in parts, f"unexpected entry {key!r}") and \
-                    p.require(isinstance(t, torch.Tensor), f"{key!r} is not a torch tensor ({type(t).__name__})"):
-                parts[kind][rest] = t
+        p, version = TRAINING_STATE.check(tensors, meta, self._declare_training_state, "training state")
+        if version is not None:
+            for key, t in tensors.items():
+                p.require(isinstance(t, torch.Tensor), f"{key!r} is not a torch tensor ({type(t).__name__})")
+        p.raise_if_any()
+        weights = {k.removeprefix("weights."): t for k, t in tensors.items() if k.startswith("weights.")}
         layers = self._adapter_layers(name)
         expect = {f"{path}.{attr}": getattr(layer, attr)[name] for path, layer in layers.items() for attr, _ in PARTS}
-        weights = parts["weights"]
-        p.require(set(weights) == set(expect), f"weights for modules {sorted(set(weights) ^ set(expect))[:6]} "
-                                               "do not fit this model")
-        for k in sorted(set(weights) & set(expect)):
-            p.array(f"weights.{k}", weights[k], tuple(expect[k].shape), dtype=expect[k].dtype)
-        kept = _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
         device = next(iter(expect.values())).device
+        allocator = {k.removeprefix("allocator."): t.to(device) for k, t in tensors.items()
+                     if k.startswith("allocator.")}
         staged = None
         try:
-            staged = self.allocator.check_state({k: v.to(device) for k, v in parts["allocator"].items()},
-                                                    meta.get("allocator"), params=self._triplets(name))
+            staged = self.allocator.check_state(allocator, meta.get("allocator"), params=self._triplets(name))
         except ValueError as exc:
             p.add(f"its allocator part does not fit this model: {exc}")
+        kept = _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
         p.raise_if_any()
         assert staged is not None
         # ---- validated: from here on only assignments and same-shape, same-dtype copies
@@ -750,25 +754,17 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
     def save_training_state(self, path: str | os.PathLike[str]) -> None:
         """:meth:`training_state_dict` to one safetensors file (atomic write)."""
         tensors, meta = self.training_state_dict()
-        save_arrays(path, tensors, meta)
+        TRAINING_STATE.write(path, tensors, meta)
 
     def load_training_state(self, path: str | os.PathLike[str]) -> None:
         """Read :meth:`save_training_state` output back (validated; a bad file changes nothing).
 
-        The header is checked before any tensor is read: a training state holds
-        the adapter's weights, at most two EMAs of their shapes and a mask per
-        module (no longer than its E), so a file of more than four times the
-        adapter's values (and a few counters) is not one of this model's.
+        The file's header is checked against the arrays its metadata declares
+        for this model before any tensor is read, so a huge or foreign file
+        is refused at the cost of its header.
         """
-        found = read_header(path)
-        weights = [t for trip in self._triplets(self._require_trainable()).values() for t in trip]
-        most = 4 * sum(t.numel() for t in weights) + 64 * len(weights)
-        held = sum(torch.Size(shape).numel() for shape, _ in found.arrays.values())
-        p = Problems(str(path))
-        p.require(held <= most, f"it holds {held} values, more than a training state of this model can ({most})")
-        p.raise_if_any()
-        tensors, meta = load_arrays(path, found.arrays, torch.from_numpy, meta=found.meta)
-        self.load_training_state_dict(tensors, meta)
+        host, meta, _ = TRAINING_STATE.read(path, self._declare_training_state)
+        self.load_training_state_dict({k: torch.from_numpy(v) for k, v in host.items()}, meta)
 
 
 def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
