@@ -72,6 +72,7 @@ __all__ = [
     "lora_apply",
     "lora_forward_add",
     "lora_forward_add_batched",
+    "state_shapes",
 ]
 
 #: The golden-ratio constant of the deterministic init.
@@ -725,12 +726,7 @@ class LoraAdapter:
             return out
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
-        i, r, o = self.in_features, self._rank, self.out_features
-        spec: dict[str, tuple[int, ...]] = {"lora_A": (r, i), "lora_B": (r, o), "grad_A": (r, i), "grad_B": (r, o)}
-        if self.use_bias:
-            spec["bias"] = (o,)
-            spec["grad_bias"] = (o,)
-        return spec
+        return state_shapes(self.in_features, self.out_features, self._rank, use_bias=self.use_bias)
 
     def load_state_arrays(self, arrays: dict[str, Array], pending: int) -> None:
         """Inverse of :meth:`state_arrays` (arrays already checked and on this backend)."""
@@ -748,6 +744,20 @@ class LoraAdapter:
 
 #: The checkpoint names (a key's last part) of the arrays shaped as ``A``: an adapter's and its EWC state's.
 A_SIDE = frozenset({"lora_A", "grad_A", "fisher_a", "optimal_a", "window_a"})
+
+
+def state_shapes(in_features: int, out_features: int, rank: int, *, use_bias: bool = False, ewc: bool = False,
+                 version: int = 2) -> dict[str, tuple[int, ...]]:
+    """The checkpoint arrays of one adapter (and of its EWC state, as ``ewc.*``) by name: the one place their
+    shapes are written. Format version 1 stored the :data:`A_SIDE` arrays ``(in, r)``."""
+    a, b = ((rank, in_features) if version >= 2 else (in_features, rank)), (rank, out_features)
+    out: dict[str, tuple[int, ...]] = {"lora_A": a, "lora_B": b, "grad_A": a, "grad_B": b}
+    if use_bias:
+        out.update(bias=(out_features,), grad_bias=(out_features,))
+    if ewc:
+        out.update({"ewc.fisher_a": a, "ewc.fisher_b": b, "ewc.optimal_a": a, "ewc.optimal_b": b,
+                    "ewc.window_a": a, "ewc.window_b": b})
+    return out
 
 
 def a_side_from_v1(arrays: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from .checkpoint import (
 from .config import KNOWN_MODULES, EwcConfig, MicroLoraConfig, check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .ewc import EwcState
-from .lora import LoraAdapter, a_side_from_v1, all_finite
+from .lora import LoraAdapter, a_side_from_v1, all_finite, state_shapes
 from .schema import Declared, Schema
 from .validate import Problems
 
@@ -485,18 +485,10 @@ class MicroLoRA:
                 return Declared({})
             parsed.update(config=config, ewc=ewc_cfg, dtype=saved_dtype)
             expect: dict[str, tuple[tuple[int, ...], str]] = {}
-            r = config.rank
             for m in config.target_modules:
-                i, o = config.dims(m)
-                a = (r, i) if version == FORMAT_VERSION else (i, r)
-                spec: dict[str, tuple[int, ...]] = {"lora_A": a, "lora_B": (r, o), "grad_A": a, "grad_B": (r, o)}
-                if config.use_bias:
-                    spec.update(bias=(o,), grad_bias=(o,))
-                if ewc_cfg is not None:
-                    spec.update({"ewc.fisher_a": a, "ewc.fisher_b": (r, o), "ewc.optimal_a": a,
-                                 "ewc.optimal_b": (r, o), "ewc.window_a": a, "ewc.window_b": (r, o)})
-                for k, shape in spec.items():
-                    expect[f"{m}.{k}"] = (shape, saved_dtype)
+                spec = state_shapes(*config.dims(m), config.rank, use_bias=config.use_bias, ewc=ewc_cfg is not None,
+                                    version=version)
+                expect.update({f"{m}.{k}": (shape, saved_dtype) for k, shape in spec.items()})
             return Declared(expect)
 
         host, meta, _ = SCHEMA.read(path, declare)

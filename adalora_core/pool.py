@@ -43,6 +43,7 @@ from .lora import (
     check_rows,
     dtype_name,
     lora_forward_add_batched,
+    state_shapes,
 )
 from .schema import Declared, Schema
 from .validate import Problems
@@ -323,7 +324,7 @@ class AdapterPool:
                 fwd.append(ad.forward_calls)  # type: ignore[union-attr]
                 skipped.append(ad.skipped_updates)  # type: ignore[union-attr]
             r, i, o = self.rank, self.in_features, self.out_features
-            shapes = {"lora_A": (r, i), "lora_B": (r, o), "grad_A": (r, i), "grad_B": (r, o)}
+            shapes = state_shapes(i, o, r)
             arrays = {k: (host_np.stack(v) if v else host_np.zeros((0, *shapes[k]), dtype=self.dtype_name))
                       for k, v in stacks.items()}
             meta = {
@@ -362,10 +363,7 @@ class AdapterPool:
             except (KeyError, TypeError, ValueError) as exc:
                 p.add(f"invalid metadata: {exc}")
                 return Declared({})
-            dt = meta["dtype"]
-            a_side = (n, r, i) if version == POOL_FORMAT_VERSION else (n, i, r)
-            return Declared({"lora_A": (a_side, dt), "lora_B": ((n, r, o), dt), "grad_A": (a_side, dt),
-                             "grad_B": ((n, r, o), dt)})
+            return Declared({k: ((n, *shape), meta["dtype"]) for k, shape in state_shapes(i, o, r, version=version).items()})
 
         host, meta, _ = SCHEMA.read(path, declare)
         i, o, r, ids = meta["in_features"], meta["out_features"], meta["rank"], meta["sessions"]
