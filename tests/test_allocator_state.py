@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_allocator import CFG, SHAPES, assert_unchanged, snapshot, trained
 
-from adalora_core import AdaLoraConfig, AdaLoraWarning, RankAllocator, Triplet
+from adalora_core import AdaLoraConfig, AdaLoraWarning, RankAllocator
 from adalora_core.allocator import SCHEDULE_FIELDS
 
-CFG = AdaLoraConfig(total_step=40, init_r=4, target_r=2, tinit=5, tfinal=10, deltaT=3)
-SHAPES = {"a": (6, 5), "b": (3, 7), "c": (8, 8)}
 SETTINGS = settings(max_examples=40, deadline=None)
 
 # Values no metadata field accepts (None is a valid last_step or shapes, a bool a valid finalized,
@@ -33,37 +32,6 @@ ENTRY_JUNK = st.one_of(st.text(max_size=4), st.integers(max_value=-1),
                        st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
                        st.dictionaries(st.text("xyz", min_size=1, max_size=3), st.integers(), min_size=1, max_size=2))
 FIELD_JUNK = st.one_of(ENTRY_JUNK, st.floats())
-
-
-def _weights(seed):
-    rng = np.random.default_rng(seed)
-    return {n: Triplet(rng.normal(size=(4, i)), rng.normal(size=(4, 1)), rng.normal(size=(o, 4)))
-            for n, (i, o) in SHAPES.items()}
-
-
-def _trained(seed, steps):
-    """Past a mask step, with a skipped step and a missing gradient on record."""
-    alloc = RankAllocator(CFG, {n: 4 for n in SHAPES})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AdaLoraWarning)
-        for step in range(steps):
-            grads = _weights(seed + step)
-            if step == 1:
-                grads["a"] = grads["a"]._replace(A=grads["a"].A * np.nan)
-            if step == 2:
-                grads["b"] = None
-            alloc.update_and_allocate(step, _weights(seed), grads)
-    return alloc
-
-
-def _snapshot(alloc):
-    arrays, meta = alloc.state_dict()
-    return {k: np.array(v, copy=True) for k, v in arrays.items()}, copy.deepcopy(meta)
-
-
-def _same(a, b):
-    return (a[1] == b[1] and a[0].keys() == b[0].keys()
-            and all(a[0][k].dtype == v.dtype and np.array_equal(a[0][k], v) for k, v in b[0].items()))
 
 
 # ---------------------------------------------------------------- mutations
@@ -124,9 +92,9 @@ def _meta_mutation(draw, meta, nested):
 # ---------------------------------------------------------------- the allocator
 
 
-SOURCE = _trained(0, 8).state_dict()
-TARGET = _trained(100, 4)
-TARGET_SNAPSHOT = _snapshot(TARGET)
+SOURCE = trained(0, 8).state_dict()
+TARGET = trained(100, 4)
+TARGET_SNAPSHOT = snapshot(TARGET)
 
 
 def _np_reshape(t, how):
@@ -148,7 +116,7 @@ NP = Ops(_np_reshape, lambda t, dtype: t.astype(dtype), _np_poison, (np.int8, np
 def test_the_unmutated_state_loads():
     fresh = RankAllocator(CFG, {n: 4 for n in SHAPES})
     fresh.load_state_dict(*SOURCE)
-    assert _same(_snapshot(fresh), _snapshot(_trained(0, 8)))
+    assert_unchanged(fresh, snapshot(trained(0, 8)))
     assert SOURCE[1]["missing_grads"] and SOURCE[1]["skipped_steps"] and "mask.a" in SOURCE[0]  # a rich state
 
 
@@ -157,7 +125,7 @@ def _refused(arrays, meta):
         warnings.simplefilter("ignore", AdaLoraWarning)  # from_dict names the junk keys of a junk config
         with pytest.raises(ValueError, match="allocator state"):
             TARGET.load_state_dict(arrays, meta)
-    assert _same(_snapshot(TARGET), TARGET_SNAPSHOT)
+    assert_unchanged(TARGET, TARGET_SNAPSHOT)
 
 
 @SETTINGS
