@@ -46,6 +46,7 @@ import timeit
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name
 
 try:
     from adalora_core.backends import native
@@ -117,17 +118,6 @@ except ImportError:
 
 F32 = np.float32
 REPEAT = 5
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def per_call_ns(fn, budget_s: float) -> float:
@@ -418,7 +408,7 @@ def header(b: Bench, info: dict) -> None:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     tv = torch.__version__ if torch is not None else "not installed"
     bws = ", ".join(f"{k} KiB {v:.0f}" for k, v in sorted(b.bw.cache.items()))
-    print(f"## adalora-core native kernels: {cpu_model()}, {now}\n")
+    print(f"## adalora-core native kernels: {cpu_name()}, {now}\n")
     print(f"- adalora_core from {Path(adalora_core.__file__).parent}; kernel path `{info['isa']}` "
           f"({info['build']})")  # fmt: skip
     print(f"- Python {platform.python_version()}, NumPy {np.__version__}, PyTorch {tv}; "

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from machine import cpu_name
 from torch import nn
 
 PHASES = ("warm-up", "budgeting, no mask", "budgeting, mask step", "final")
@@ -183,17 +184,6 @@ def main() -> None:
             theirs = statistics.median(runners["peft"].times[key]) * 1e3
             row += f" {theirs:.3f} | {theirs / (statistics.median(ours) * 1e3):.1f}x |"
         print(row)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

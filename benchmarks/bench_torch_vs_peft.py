@@ -31,17 +31,7 @@ import warnings
 from typing import Any
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from machine import cpu_name
 
 
 def build(kind: str, hidden: int, layers: int) -> tuple[torch.nn.Module, list[str]]:
