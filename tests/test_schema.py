@@ -111,3 +111,26 @@ def test_the_training_state_uses_the_same_schema(tmp_path):
     first = next(k for k in tensors if k.startswith("weights."))
     with pytest.raises(CheckpointError, match="non-finite"):
         om.load_training_state_dict({**tensors, first: torch.full_like(tensors[first], float("nan"))}, meta)
+
+
+def test_a_bf16_training_state_resumes_from_its_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    from adalora_core.backends.torch_nn import _parity as P
+
+    om = P.ours(P.build("mlp"), **P.config_kwargs("mlp")).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    opt = torch.optim.SGD(om.trainable_parameters(), lr=0.1)
+    for step in range(3):
+        (om(x).logits.float().pow(2).mean() + om.orth_loss()).backward()
+        opt.step()
+        om.update_and_allocate(step)
+        opt.zero_grad()
+    om.save_training_state(tmp_path / "t")
+    want, _ = om.training_state_dict()
+    with torch.no_grad():
+        for p in om.trainable_parameters():
+            p.add_(1.0)
+    om.load_training_state(tmp_path / "t")  # stored as float32 (NumPy has no bfloat16): refused before
+    got, _ = om.training_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(t.dtype == torch.bfloat16 for t in got.values())

@@ -40,7 +40,7 @@ from adalora_core.checkpoint import (
 )
 from adalora_core.config import AdaLoraConfig
 from adalora_core.orth import orth_reg
-from adalora_core.schema import Declared, Schema, dtype_name
+from adalora_core.schema import Declared, Schema, declared_spec, dtype_name
 from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
@@ -761,10 +761,21 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
         The file's header is checked against the arrays its metadata declares
         for this model before any tensor is read, so a huge or foreign file
-        is refused at the cost of its header.
+        is refused at the cost of its header. bfloat16 tensors are stored as
+        float32 (NumPy has no bfloat16; float32 holds them exactly).
         """
-        host, meta, _ = TRAINING_STATE.read(path, self._declare_training_state)
-        self.load_training_state_dict({k: torch.from_numpy(v) for k, v in host.items()}, meta)
+        host, meta, version = TRAINING_STATE.read(path, lambda *a: _as_stored(self._declare_training_state(*a)))
+        dtypes = declared_spec(self._declare_training_state(meta, version, Problems(str(path))))
+        self.load_training_state_dict({k: torch.from_numpy(v).to(getattr(torch, str(dtypes[k][1])))
+                                       for k, v in host.items()}, meta)
+
+
+def _as_stored(declared: Declared) -> Declared:
+    """``declared`` as a file holds it: bfloat16 tensors written as float32 (see ``save_arrays``)."""
+    def widen(spec: Mapping[str, tuple[tuple[int, ...], str | None]]) -> dict[str, tuple[tuple[int, ...], str | None]]:
+        return {k: (shape, "float32" if dtype == "bfloat16" else dtype) for k, (shape, dtype) in spec.items()}
+
+    return Declared(widen(declared.arrays), tuple(map(widen, declared.groups)))
 
 
 def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
