@@ -328,7 +328,7 @@ def _read_safetensors(path: Path, check: Callable[[Header, Mapping[str, str], Pr
     return host, result
 
 
-def _check_header(problems: Problems, header: Mapping[str, tuple[tuple[int, ...], str]], expect: Spec) -> None:
+def check_header(problems: Problems, header: Mapping[str, tuple[tuple[int, ...], str]], expect: Spec) -> None:
     """Keys, shapes and dtypes against ``expect``, every mismatch recorded."""
     for k in problems.keys(header, expect, "keys"):
         (shape, dtype), (got_shape, got_dtype) = expect[k], header[k]
@@ -394,7 +394,7 @@ def load_arrays(
 
     def check(header: Header, metadata: Mapping[str, str], problems: Problems) -> dict[str, Any]:
         if expect is not None:
-            _check_header(problems, header, expect)
+            check_header(problems, header, expect)
         doc = _meta_doc(metadata, problems)
         problems.require(meta is None or json.dumps(doc, sort_keys=True) == json.dumps(meta, sort_keys=True),
                          "it changed after its header was read; load it again")
@@ -559,7 +559,7 @@ def read_adapter(
         problems.require(not unknown, f"the rank_pattern of {CONFIG_NAME} names modules that have no tensors: "
                                       f"{unknown}")
         expect.update({f"{PREFIX}{k}": (tuple(shape), None) for k, shape in wanted.items()})
-        _check_header(problems, header, expect)
+        check_header(problems, header, expect)
         dtypes = sorted({header[k][1] for k in expect if k in header and k[len(PREFIX):] not in wanted})
         problems.require(len(dtypes) <= 1, f"adapter tensors have mixed dtypes {dtypes}")
         problems.require(set(dtypes) <= set(_FLOATS), f"adapter tensors must be floating, got {dtypes}")

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ._xp import Array, namespace
-from .checkpoint import Spec, load_arrays, read_header, save_arrays
+from .checkpoint import Spec, check_header, load_arrays, read_header, save_arrays
 from .validate import Problems
 
-__all__ = ["Declared", "Schema"]
+__all__ = ["Declared", "Schema", "expected"]
 
 
 class Declared(NamedTuple):
@@ -67,13 +67,14 @@ class Schema:
         """``(host arrays in the current layout, meta, the file's version)`` of a file :meth:`write` wrote.
 
         Everything is checked before the arrays are read; a bad file raises
-        one ``CheckpointError`` listing every problem.
+        one ``CheckpointError`` listing every problem. Declared bfloat16 arrays
+        come back as the float32 they were stored as.
         """
         found = read_header(path)
         p = Problems(str(path))
         version = self._version(found.meta, p)
         if version is not None:
-            _check_keys(p, found.arrays, declare(found.meta, version, p))
+            check_header(p, found.arrays, _stored(expected(declare(found.meta, version, p), found.arrays)))
         p.raise_if_any()
         assert version is not None
         host, meta = load_arrays(path, found.arrays, meta=found.meta)  # the file must still be the one checked
@@ -98,7 +99,9 @@ class Schema:
         for k, a in arrays.items():
             if p.require(hasattr(a, "shape") and hasattr(a, "dtype"), f"{k!r} is not an array ({type(a).__name__})"):
                 header[k] = (tuple(a.shape), dtype_name(a))
-        if _check_keys(p, header, declared):
+        before = len(p.items)
+        check_header(p, header, expected(declared, header))
+        if len(p.items) == before:
             for k, a in arrays.items():
                 xp = namespace(a)
                 if xp.isdtype(a.dtype, "real floating") and not bool(xp.all(xp.isfinite(a))):
@@ -117,31 +120,18 @@ class Schema:
         return None
 
 
-def declared_spec(declared: Declared) -> dict[str, tuple[tuple[int, ...], str | None]]:
-    """Every array ``declared`` allows, its groups' included."""
+def expected(declared: Declared, present: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """The arrays a state holding the keys ``present`` must have: all of ``declared.arrays``, and every group
+    of which it holds a key (so a partial group is reported missing, an unknown key unexpected)."""
+    present = set(present)
     out = dict(declared.arrays)
     for group in declared.groups:
-        out.update(group)
+        if present & set(group):
+            out.update(group)
     return out
 
 
-def _check_keys(p: Problems, header: Mapping[str, tuple[tuple[int, ...], str]], declared: Declared) -> bool:
-    """Keys, shapes and dtypes of ``header`` against ``declared``; True when all matched."""
-    before = len(p.items)
-    allowed = declared_spec(declared)
-    _missing(p, header, declared.arrays)
-    for group in declared.groups:
-        if any(k in header for k in group):
-            _missing(p, header, group)
-    extra = sorted(set(header) - set(allowed))
-    p.require(not extra, f"unexpected arrays {extra[:6]}{' ...' if len(extra) > 6 else ''}")
-    for k in sorted(set(header) & set(allowed)):
-        (shape, dtype), (got_shape, got_dtype) = allowed[k], header[k]
-        p.require(tuple(got_shape) == tuple(shape), f"{k!r} has shape {tuple(got_shape)}, expected {tuple(shape)}")
-        p.require(dtype is None or got_dtype == dtype, f"{k!r} has dtype {got_dtype}, expected {dtype}")
-    return len(p.items) == before
-
-
-def _missing(p: Problems, header: Iterable[str], expected: Iterable[str]) -> None:
-    missing = sorted(set(expected) - set(header))
-    p.require(not missing, f"missing arrays {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+def _stored(spec: Mapping[str, tuple[tuple[int, ...], str | None]]) -> Spec:
+    """``spec`` as :func:`~adalora_core.checkpoint.save_arrays` writes it: NumPy has no bfloat16, so those
+    arrays are stored as float32 (which holds them exactly)."""
+    return {k: (shape, "float32" if dtype == "bfloat16" else dtype) for k, (shape, dtype) in spec.items()}

@@ -642,7 +642,7 @@ def _rewrite(path, edit_arrays=None, edit_meta=None):
     ("truncate", "truncated or corrupt"),
     ("shape", "shape"),
     ("dtype", "dtype"),
-    ("missing", "missing arrays"),
+    ("missing", "missing keys"),
     ("version", "version"),
     ("format", "not a state of kind"),
     ("config", "invalid metadata"),

@@ -44,11 +44,11 @@ def test_write_read_round_trip_and_upgrade(tmp_path):
     ({"w": np.zeros((3, 2), np.float32)}, {"n": -1, "format": "test.kind", "version": 2}, "n=-1"),
     ({"w": np.zeros((4, 2), np.float32)}, {"n": 3, "format": "test.kind", "version": 2}, r"shape \(4, 2\)"),
     ({"w": np.zeros((3, 2), np.float64)}, {"n": 3, "format": "test.kind", "version": 2}, "dtype float64"),
-    ({}, {"n": 3, "format": "test.kind", "version": 2}, r"missing arrays \['w'\]"),
+    ({}, {"n": 3, "format": "test.kind", "version": 2}, r"missing keys \['w'\]"),
     ({"w": np.zeros((3, 2), np.float32), "x": np.zeros(1, np.float32)}, {"n": 3, "format": "test.kind", "version": 2},
-     r"unexpected arrays \['x'\]"),
+     r"unexpected keys \['x'\]"),
     ({"w": np.zeros((3, 2), np.float32), "ema.w": np.zeros((3, 2), np.float32)},
-     {"n": 3, "format": "test.kind", "version": 2}, r"missing arrays \['ema.count'\]"),  # a group: all or nothing
+     {"n": 3, "format": "test.kind", "version": 2}, r"missing keys \['ema.count'\]"),  # a group: all or nothing
     ({"w": np.full((3, 2), np.inf, np.float32)}, {"n": 3, "format": "test.kind", "version": 2}, "non-finite"),
 ])
 def test_every_problem_is_refused_from_file_and_from_memory(tmp_path, arrays, meta, match):

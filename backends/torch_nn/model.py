@@ -40,7 +40,7 @@ from adalora_core.checkpoint import (
 )
 from adalora_core.config import AdaLoraConfig
 from adalora_core.orth import orth_reg
-from adalora_core.schema import Declared, Schema, declared_spec, dtype_name
+from adalora_core.schema import Declared, Schema, dtype_name, expected
 from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
@@ -659,7 +659,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
 
         With the optimizer's own ``state_dict`` this is everything an exact
         resume needs (PEFT saves neither the importance EMAs nor the budget).
-        Its layout is declared by ``_declare_training_state`` (one
+        Its layout is declared by ``_training_state_layout`` (one
         :class:`~adalora_core.schema.Schema` with MicroLoRA's and the pool's).
         """
         self._check_loaded()
@@ -675,22 +675,18 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         return tensors, TRAINING_STATE.stamp({"adapter_name": name, "allocator": meta,
                                               "kept_index": self._kept_index.get(name, {})})
 
-    def _declare_training_state(self, meta: Mapping[str, Any], version: int, p: Problems) -> Declared:
+    def _training_state_layout(self) -> Declared:
         """The arrays of this model's training state: every weight, and the allocator's EMAs (both, all
-        three parts, every module) and masks (every module) when it has them; ``meta``'s own fields checked."""
+        three parts, every module) and masks (every module) when it has them."""
         name = self._require_trainable()
-        p.require(isinstance(meta.get("adapter_name"), str),
-                  f"adapter_name={meta.get('adapter_name')!r} must be a string")
-        layers = self._adapter_layers(name)
-        _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
+        assert self.allocator is not None
         weights, emas = {}, {}
-        for path, layer in layers.items():
+        for path, layer in self._adapter_layers(name).items():
             for attr, part in PARTS:
                 t = getattr(layer, attr)[name]
                 spec = (tuple(t.shape), dtype_name(t))
                 weights[f"weights.{path}.{attr}"] = spec
                 emas.update({f"allocator.{kind}.{path}.{part}": spec for kind in KINDS})
-        assert self.allocator is not None
         masks = {f"allocator.mask.{path}": ((r,), "bool") for path, r in self.allocator.ranks.items()}
         return Declared(weights, (emas, masks))
 
@@ -703,15 +699,26 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         and its step exactly as they were.
         """
         self._check_loaded()
-        name = self._require_trainable()
-        assert self.allocator is not None
-        p, version = TRAINING_STATE.check(tensors, meta, self._declare_training_state, "training state")
+        layout = self._training_state_layout()
+        p, version = TRAINING_STATE.check(tensors, meta, lambda *_: layout, "training state")
         if version is not None:
             for key, t in tensors.items():
                 p.require(isinstance(t, torch.Tensor), f"{key!r} is not a torch tensor ({type(t).__name__})")
+        self._restore_training_state(p, tensors, meta)
+
+    def _restore_training_state(self, p: Problems, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+                                ) -> None:
+        """Check the metadata and the allocator part of a state whose layout ``p`` has checked; then commit."""
+        name = self._require_trainable()
+        assert self.allocator is not None
+        layers = self._adapter_layers(name)
+        kept: dict[str, list[int]] = {}
+        if isinstance(meta, Mapping):  # (else ``p`` holds that problem)
+            p.require(isinstance(meta.get("adapter_name"), str),
+                      f"adapter_name={meta.get('adapter_name')!r} must be a string")
+            kept = _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
         p.raise_if_any()
         weights = {k.removeprefix("weights."): t for k, t in tensors.items() if k.startswith("weights.")}
-        layers = self._adapter_layers(name)
         expect = {f"{path}.{attr}": getattr(layer, attr)[name] for path, layer in layers.items() for attr, _ in PARTS}
         device = next(iter(expect.values())).device
         allocator = {k.removeprefix("allocator."): t.to(device) for k, t in tensors.items()
@@ -721,7 +728,6 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
             staged = self.allocator.check_state(allocator, meta.get("allocator"), params=self._triplets(name))
         except ValueError as exc:
             p.add(f"its allocator part does not fit this model: {exc}")
-        kept = _check_kept_index(p, meta, {k: (layer.r[name], layer.init_r[name]) for k, layer in layers.items()})
         p.raise_if_any()
         assert staged is not None
         # ---- validated: from here on only assignments and same-shape, same-dtype copies
@@ -764,18 +770,12 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         is refused at the cost of its header. bfloat16 tensors are stored as
         float32 (NumPy has no bfloat16; float32 holds them exactly).
         """
-        host, meta, version = TRAINING_STATE.read(path, lambda *a: _as_stored(self._declare_training_state(*a)))
-        dtypes = declared_spec(self._declare_training_state(meta, version, Problems(str(path))))
-        self.load_training_state_dict({k: torch.from_numpy(v).to(getattr(torch, str(dtypes[k][1])))
-                                       for k, v in host.items()}, meta)
-
-
-def _as_stored(declared: Declared) -> Declared:
-    """``declared`` as a file holds it: bfloat16 tensors written as float32 (see ``save_arrays``)."""
-    def widen(spec: Mapping[str, tuple[tuple[int, ...], str | None]]) -> dict[str, tuple[tuple[int, ...], str | None]]:
-        return {k: (shape, "float32" if dtype == "bfloat16" else dtype) for k, (shape, dtype) in spec.items()}
-
-    return Declared(widen(declared.arrays), tuple(map(widen, declared.groups)))
+        self._check_loaded()
+        layout = self._training_state_layout()
+        host, meta, _ = TRAINING_STATE.read(path, lambda *_: layout)
+        spec = expected(layout, host)  # bfloat16 was stored as float32: narrowed back, exactly
+        tensors = {k: torch.from_numpy(v).to(getattr(torch, str(spec[k][1]))) for k, v in host.items()}
+        self._restore_training_state(Problems(str(path)), tensors, meta)
 
 
 def _adapter_parameters(layer: SVDLayer) -> Iterator[nn.Parameter]:
