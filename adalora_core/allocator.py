@@ -239,7 +239,7 @@ def allocator_step(state: StepState, params: Mapping[str, Any], grads: Mapping[s
 def rank_pattern(state: StepState, config: StepConfig) -> dict[str, list[bool]]:
     """``{"<module>.lora_E": [kept?] * r}`` (PEFT's format) of ``state``: reads the device once (not under jit)."""
     layout = config.layout
-    keep = _split_host(_host_list(state.keep) if state.keep is not None else [True] * layout.total_rank, layout)
+    keep = layout.split_scores(_host_list(state.keep) if state.keep is not None else [True] * layout.total_rank)
     return {f"{n}.lora_E": keep[n] for n in layout.names}
 
 
@@ -398,16 +398,6 @@ def _where(cond: Any, a: Any, b: Any) -> Any:
     return xp.where(cond, xp.asarray(a, dtype=dtype, device=dev), xp.asarray(b, dtype=dtype, device=dev))
 
 
-def _split_host(keep: list[bool], layout: Layout) -> dict[str, list[bool]]:
-    """A host list over every triplet (layout order) as per-module lists over each module's full rank."""
-    out, i = {}, 0
-    for g in layout.groups:
-        for n in g.names:
-            out[n] = keep[i:i + g.part.rank]
-            i += g.part.rank
-    return out
-
-
 class RankAllocator:
     """Importance-driven rank allocation over a fixed, ordered set of modules.
 
@@ -542,7 +532,7 @@ class RankAllocator:
         if not self.masks:
             return {}
         assert self._layout is not None and self._state.keep is not None
-        out = _split_host(_host_list(self._state.keep), self._layout)
+        out = self._layout.split_scores(_host_list(self._state.keep))
         return {f"{n}.lora_E": out[n] for n in self.names}
 
     def current_ranks(self) -> dict[str, int]:

@@ -190,8 +190,8 @@ class Layout:
                 rows[k].append(xp.reshape(t, (-1,)))
         return xp.stack([xp.concat(r) for r in rows])
 
-    def split_scores(self, flat: Array) -> dict[str, Array]:
-        """Per-module ``(rank,)`` views of a ``(total_rank,)`` array in layout order."""
+    def split_scores(self, flat: Any) -> dict[str, Any]:
+        """Per-module ``(rank,)`` views of a ``(total_rank,)`` array (or host list) in layout order."""
         out = {}
         for g, (_, _, _, s0) in zip(self.groups, self._blocks):
             r = g.part.rank
