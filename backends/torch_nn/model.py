@@ -384,8 +384,7 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def print_trainable_parameters(self) -> None:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
