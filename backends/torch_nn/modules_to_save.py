@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from .targets import matches_name
+
 
 class ModulesToSaveWrapper(nn.Module):
     """The original module and a trainable copy of it per adapter (PEFT's layout and semantics)."""
@@ -81,10 +83,6 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.active_module, name)
 
 
-def _matches(key: str, names: Iterable[str]) -> bool:
-    return any(key == n or key.endswith(f".{n}") for n in names)
-
-
 def find_modules_to_save(model: nn.Module, names: Sequence[str], required: Sequence[str],
                          skip_inside: Iterable[str] = ()) -> list[str]:
     """Paths of the modules ``names`` match, outermost only (name components, as ``target_modules``).
@@ -99,9 +97,9 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str], required: Seque
     keys = [k for k, _ in model.named_modules() if k and not k.startswith(prefixes)]
     found: list[str] = []
     for k in keys:
-        if _matches(k, names) and not any(k.startswith(f"{f}.") for f in found):
+        if matches_name(k, names) and not any(k.startswith(f"{f}.") for f in found):
             found.append(k)
-    if required and not any(_matches(k, required) for k in found):
+    if required and not any(matches_name(k, required) for k in found):
         leaves = sorted({k.rsplit(".", 1)[-1] for k in keys})
         close = sorted({c for n in required for c in difflib.get_close_matches(n, leaves, n=3, cutoff=0.5)})
         raise ValueError(f"modules_to_save={list(required)!r} matches no module of the model; close names: "

@@ -57,10 +57,15 @@ def resolve_targets(model: nn.Module, config: AdaLoraConfig) -> Sequence[str] | 
                      "default): list the module names to adapt, e.g. target_modules=['q_proj', 'v_proj']")
 
 
+def matches_name(key: str, names: Iterable[str]) -> bool:
+    """``key`` equals one of ``names`` or ends with ``"." + name`` (whole components: ``"proj"`` is not ``"q_proj"``)."""
+    return any(key == n or key.endswith(f".{n}") for n in names)
+
+
 def _name_matches(names: Sequence[str] | str, key: str) -> bool:
     if isinstance(names, str):
         return re.fullmatch(names, key) is not None
-    return key in names or any(key.endswith(f".{n}") for n in names)
+    return matches_name(key, names)
 
 
 def _layer_index_ok(config: AdaLoraConfig, key: str) -> bool:
@@ -127,7 +132,7 @@ def find_targets(model: nn.Module, config: AdaLoraConfig, skip_inside: Iterable[
     prefixes = tuple(f"{s}." for s in skip_inside)
     keys = [k for k, _ in model.named_modules() if k and not k.startswith(prefixes)]
     if not isinstance(targets, str):
-        unknown = [t for t in targets if not any(k == t or k.endswith(f".{t}") for k in keys)]
+        unknown = [t for t in targets if not any(matches_name(k, (t,)) for k in keys)]
         if unknown:
             hints = "; ".join(f"{t!r}: did you mean {_suggestions(t, keys)}?" for t in unknown)
             raise ValueError(f"target_modules names modules that do not exist in the model: {hints} "
