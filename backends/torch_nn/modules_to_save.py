@@ -23,12 +23,18 @@ from torch import nn
 from .targets import matches_name
 
 
+def check_wrappable(module: nn.Module, path: str | None = None) -> None:
+    """A container (``ModuleDict``, ``ModuleList``, ...) has no forward for a wrapper to run: a TypeError."""
+    if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+        at = "" if path is None else f" ({path!r})"
+        raise TypeError(f"modules_to_save cannot wrap a {type(module).__name__}{at}: it has no forward")
+
+
 class ModulesToSaveWrapper(nn.Module):
     """The original module and a trainable copy of it per adapter (PEFT's layout and semantics)."""
 
     def __init__(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
-            raise TypeError(f"modules_to_save cannot wrap a {type(module).__name__} (it has no forward)")
+        check_wrappable(module)
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict({})

@@ -35,7 +35,12 @@ from adalora_core.config import AdaLoraConfig
 from adalora_core.errors import AdaLoraWarning
 
 from .layer import SVDLayer
-from .modules_to_save import ModulesToSaveWrapper, find_modules_to_save, wrapper_prefixes
+from .modules_to_save import (
+    ModulesToSaveWrapper,
+    check_wrappable,
+    find_modules_to_save,
+    wrapper_prefixes,
+)
 from .targets import get_submodule_parent, resolve_targets
 
 if TYPE_CHECKING:
@@ -158,13 +163,11 @@ def plan_extras(ada: AdaLoraModel, adapter: str, config: AdaLoraConfig, targets:
     found = find_modules_to_save(model, list(config.modules_to_save or ()), required=_user_names(config),
                                  skip_inside=[*layers, *wrapper_prefixes(model)])
     for path in found:
-        module = model.get_submodule(path)
         inner = [k for k in layers if k == path or k.startswith(f"{path}.")]
         if inner:
             raise ValueError(f"modules_to_save names {path!r}, which holds adapted layers {inner[:3]}: a module "
                              "is either adapted or trained and saved whole, not both")
-        if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
-            raise TypeError(f"modules_to_save names {path!r}, a {type(module).__name__}, which has no forward")
+        check_wrappable(model.get_submodule(path), path)
     spec = {k: tuple(t.shape) for k, t in extra_tensors(model, adapter, config, targets, found).items()}
     skip = [f"{w}.{part}." for w in [*found, *wrapper_prefixes(model)] for part in ("original_module",
                                                                                     "modules_to_save")]
