@@ -138,6 +138,19 @@ def extra_tensors(model: nn.Module, adapter: str, config: AdaLoraConfig, targets
     return out
 
 
+def wrapper_internals(wrappers: Iterable[str]) -> list[str]:
+    """Key prefixes of the copies inside these wrappers: PEFT also writes them with ``bias="all"``, and a
+    reader skips them (they are not extras of their own)."""
+    return [f"{w}.{part}." for w in wrappers for part in ("original_module", "modules_to_save")]
+
+
+def copy_loaded(dest: Mapping[str, torch.Tensor], loaded: Mapping[str, Any]) -> None:
+    """Copy checkpoint values into the model's tensors of the same keys, in place, outside autograd."""
+    with torch.no_grad():
+        for key, value in loaded.items():
+            dest[key].copy_(torch.as_tensor(value))
+
+
 @dataclass
 class ExtrasPlan:
     """What adding an adapter does beyond its triplets, checked before the model changes."""
@@ -169,8 +182,7 @@ def plan_extras(ada: AdaLoraModel, adapter: str, config: AdaLoraConfig, targets:
                              "is either adapted or trained and saved whole, not both")
         check_wrappable(model.get_submodule(path), path)
     spec = {k: tuple(t.shape) for k, t in extra_tensors(model, adapter, config, targets, found).items()}
-    skip = [f"{w}.{part}." for w in [*found, *wrapper_prefixes(model)] for part in ("original_module",
-                                                                                    "modules_to_save")]
+    skip = wrapper_internals([*found, *wrapper_prefixes(model)])
     return ExtrasPlan(adapter, config, list(targets), found, spec, skip)
 
 
@@ -195,10 +207,7 @@ def apply_extras(ada: AdaLoraModel, plan: ExtrasPlan, loaded: Mapping[str, Any] 
         module.update(plan.adapter, trainable)
         module.set_adapter(ada.active_adapters)
     if loaded:
-        dest = extra_tensors(model, plan.adapter, plan.config, plan.targets, plan.modules_to_save)
-        with torch.no_grad():
-            for key, value in loaded.items():
-                dest[key].copy_(torch.as_tensor(value))
+        copy_loaded(extra_tensors(model, plan.adapter, plan.config, plan.targets, plan.modules_to_save), loaded)
 
 
 def mark_trainable_extras(ada: AdaLoraModel) -> None:
@@ -438,11 +447,8 @@ class PeftCompatMixin:
             return
         shapes = {k: (layer.in_features, layer.out_features) for k, layer in layers.items()}
         loaded = read_adapter(path, shapes=shapes, extra={k: tuple(t.shape) for k, t in dest.items()},
-                              skip=[f"{w}.{part}." for w in held for part in ("original_module", "modules_to_save")]
-                              ).extra
-        with torch.no_grad():
-            for key, value in loaded.items():
-                dest[key].copy_(torch.as_tensor(value))
+                              skip=wrapper_internals(held)).extra
+        copy_loaded(dest, loaded)
 
     # -- gradient checkpointing, as PEFT prepares a model for it
 
