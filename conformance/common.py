@@ -6,11 +6,13 @@ which each reads what another wrote.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DTYPES", "EXACT", "TOL", "Draw", "available_cycle", "dev", "host", "partner", "round_to", "spec_name"]
+__all__ = ["DTYPES", "EXACT", "TOL", "Draw", "available_cycle", "dev", "host", "partner", "round_to", "same_device",
+           "spec_name"]
 
 #: Default tolerances of ``max|got - ref| / max(1, max|ref|)``.
 TOL = {"float32": 1e-5, "float64": 1e-10}
@@ -53,6 +55,25 @@ def dev(b: Any, a: Any, dtype: str) -> Any:
     return b.asarray(np.ascontiguousarray(np.asarray(a, dtype=np.float64)), dtype=dtype)
 
 
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two device objects name one device: a torch ``cuda`` is ``cuda:<current index>``.
+
+    (A backend asked for ``torch:cuda`` holds its tensors on ``cuda:0``.)
+    Torch devices are normalised as the torch backend normalises them;
+    other libraries' devices compare by name.
+    """
+    return _device_name(a) == _device_name(b)
+
+
+def _device_name(dev: Any) -> str:
+    torch = sys.modules.get("torch")  # a torch device exists only if torch is imported
+    if torch is not None and isinstance(dev, torch.device):
+        from adalora_core.backends.torch import normalise_device
+
+        return str(normalise_device(dev))
+    return str(dev)
+
+
 def host(b: Any, x: Any, dtype: str | None, what: str = "output") -> np.ndarray:
     """A host copy of ``x`` after checking it is ``b``'s kind of array, on ``b``'s device, of ``dtype``.
 
@@ -60,8 +81,6 @@ def host(b: Any, x: Any, dtype: str | None, what: str = "output") -> np.ndarray:
     NumPy, to another device or to another precision is a failure.)
     """
     from adalora_core._xp import device, library_name, namespace
-
-    from .runner import same_device
 
     lib, want = library_name(namespace(x)), library_name(b.xp)
     if lib != want:

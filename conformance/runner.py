@@ -129,25 +129,6 @@ def _get(spec: str) -> Any:
     return get_backend(name.strip(), device=dev.strip() or None)
 
 
-def same_device(a: Any, b: Any) -> bool:
-    """Whether two device objects name one device: a torch ``cuda`` is ``cuda:<current index>``.
-
-    (A backend asked for ``torch:cuda`` holds its tensors on ``cuda:0``.)
-    Torch devices are normalised as the torch backend normalises them;
-    other libraries' devices compare by name.
-    """
-    return _device_name(a) == _device_name(b)
-
-
-def _device_name(dev: Any) -> str:
-    torch = sys.modules.get("torch")  # a torch device exists only if torch is imported
-    if torch is not None and isinstance(dev, torch.device):
-        from adalora_core.backends.torch import normalise_device
-
-        return str(normalise_device(dev))
-    return str(dev)
-
-
 def default_backends() -> list[str]:
     """Every available backend, plus array-api-strict's second device after array-api-strict."""
     from adalora_core.backends import available_backends

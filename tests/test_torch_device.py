@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from adalora_core.backends.base import Backend
 from adalora_core.backends.torch import TorchBackend, normalise_device
 from adalora_core.conformance import cases, cases_microlora
-from adalora_core.conformance.runner import same_device
+from adalora_core.conformance.common import same_device
 from array_api_compat import torch as xp_torch
 
 
