@@ -13,16 +13,13 @@ rank 0 prints the median step time of every rank.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
+import bench_gpu_step as B
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(__file__))
-import bench_gpu_step as B
 
 import adalora_core as ac
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from machine import cpu_name
 from torch import nn
 
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -322,7 +323,7 @@ def environment(device: torch.device) -> dict[str, str]:
         except (OSError, subprocess.SubprocessError, IndexError):
             env["driver"] = "unknown"
     else:
-        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu"] = cpu_name()
         env["threads"] = str(torch.get_num_threads())
     return env
 
