@@ -61,6 +61,7 @@ from .ewc import EwcState, lora_apply_ewc
 
 __all__ = [
     "A_SIDE",
+    "FIELDS",
     "GOLDEN",
     "LORA_INITS",
     "LoraAdapter",
@@ -244,10 +245,8 @@ class LoraStack:
                  capacity: int = 1, use_bias: bool = False) -> None:
         self.backend, self.dtype_name = backend, dtype
         self.in_features, self.out_features, self.rank, self.use_bias = in_features, out_features, rank, use_bias
-        shapes: dict[str, tuple[int, ...]] = {"A": (rank, in_features), "B": (rank, out_features),
-                                              "gA": (rank, in_features), "gB": (rank, out_features)}
-        if use_bias:
-            shapes.update(bias=(out_features,), gbias=(out_features,))
+        spec = state_shapes(in_features, out_features, rank, use_bias=use_bias)
+        shapes = {field: spec[key] for key, field, _ in FIELDS if key in spec}
         self._shapes = shapes
         self.arrays: dict[str, Array] = {k: backend.zeros((capacity, *s), dtype=dtype) for k, s in shapes.items()}
         self._members: dict[int, weakref.ReferenceType[LoraAdapter]] = {}
@@ -301,8 +300,11 @@ class LoraStack:
         return any(replaced)
 
 
-# The adapter's per-slot views: view attribute -> stack field.
-_VIEWS = {"_A": "A", "_B": "B", "_gA": "gA", "_gB": "gB", "_bias": "bias", "_gbias": "gbias"}
+#: Each array of an adapter as ``(checkpoint key, LoraStack field, the adapter's per-slot view)``;
+#: the bias pair exists with ``use_bias`` only.
+FIELDS = (("lora_A", "A", "_A"), ("lora_B", "B", "_B"), ("grad_A", "gA", "_gA"), ("grad_B", "gB", "_gB"),
+          ("bias", "bias", "_bias"), ("grad_bias", "gbias", "_gbias"))
+_VIEWS = {view: field for _, field, view in FIELDS}
 
 
 # ---------------------------------------------------------------------------
@@ -719,22 +721,15 @@ class LoraAdapter:
     def state_arrays(self) -> dict[str, Array]:
         """The adapter's arrays (views on mutable libraries; copy them under ``lock``)."""
         with self._lock:
-            out = {"lora_A": self._A, "lora_B": self._B, "grad_A": self._gA, "grad_B": self._gB}
-            if self._bias is not None:
-                out["bias"] = self._bias
-                out["grad_bias"] = self._gbias
-            return out
+            return {key: getattr(self, view) for key, field, view in FIELDS if field in self._stack.arrays}
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return state_shapes(self.in_features, self.out_features, self._rank, use_bias=self.use_bias)
 
     def load_state_arrays(self, arrays: dict[str, Array], pending: int) -> None:
         """Inverse of :meth:`state_arrays` (arrays already checked and on this backend)."""
-        views = {"_A": "lora_A", "_B": "lora_B", "_gA": "grad_A", "_gB": "grad_B"}
-        if self.use_bias:
-            views.update(_bias="bias", _gbias="grad_bias")
         with self._lock:
-            self._put({view: arrays[key] for view, key in views.items()})
+            self._put({view: arrays[key] for key, field, view in FIELDS if field in self._stack.arrays})
             self.pending_updates = int(pending)
 
 

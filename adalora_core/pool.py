@@ -35,6 +35,7 @@ from ._xp import Array, host_np
 from .config import check_float, check_int
 from .errors import AdaLoraWarning, CheckpointError
 from .lora import (
+    FIELDS,
     LORA_INITS,
     LoraAdapter,
     LoraStack,
@@ -313,20 +314,15 @@ class AdapterPool:
             bad = [s for s in ids if isinstance(s, bool) or not isinstance(s, (str, int))]
             if bad:
                 raise CheckpointError(f"cannot save session ids {bad[:5]}: only str and int ids are saved")
-            to_np = self.backend.to_numpy
-            stacks: dict[str, list[Any]] = {"lora_A": [], "lora_B": [], "grad_A": [], "grad_B": []}
-            pending, fwd, skipped = [], [], []
-            for s in ids:
-                ad = self._adapters[self._slots[s]]
-                for k, a in ad.state_arrays().items():  # type: ignore[union-attr]
-                    stacks[k].append(host_np.array(to_np(a)))
-                pending.append(ad.pending_updates)  # type: ignore[union-attr]
-                fwd.append(ad.forward_calls)  # type: ignore[union-attr]
-                skipped.append(ad.skipped_updates)  # type: ignore[union-attr]
+            slots = [self._slots[s] for s in ids]
+            adapters = [self._adapters[j] for j in slots]
+            pending = [ad.pending_updates for ad in adapters]  # type: ignore[union-attr]
+            fwd = [ad.forward_calls for ad in adapters]  # type: ignore[union-attr]
+            skipped = [ad.skipped_updates for ad in adapters]  # type: ignore[union-attr]
+            stack = self._stack.arrays  # the sessions' arrays, stacked: one copy each (the pool holds no bias)
+            arrays = {key: host_np.asarray(self.backend.to_numpy(stack[field]))[slots]
+                      for key, field, _ in FIELDS if field in stack}
             r, i, o = self.rank, self.in_features, self.out_features
-            shapes = state_shapes(i, o, r)
-            arrays = {k: (host_np.stack(v) if v else host_np.zeros((0, *shapes[k]), dtype=self.dtype_name))
-                      for k, v in stacks.items()}
             meta = {
                 "dtype": self.dtype_name,
                 "in_features": i, "out_features": o, "rank": r, "alpha": self.alpha, "init": self.init,
