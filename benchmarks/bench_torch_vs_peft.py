@@ -60,7 +60,7 @@ def build(kind: str, hidden: int, layers: int) -> tuple[torch.nn.Module, list[st
 class Runner:
     """One implementation: its model, optimizer and a training step."""
 
-    def __init__(self, impl: str, base: torch.nn.Module, cfg: dict[str, Any], fast: bool = False) -> None:
+    def __init__(self, impl: str, base: torch.nn.Module, cfg: dict[str, Any], exact: bool = True) -> None:
         self.impl = impl
         model = copy.deepcopy(base)
         torch.manual_seed(1)
@@ -73,7 +73,7 @@ class Runner:
         else:
             import adalora_core as ac
 
-            self.model = ac.get_adalora_model(model, ac.AdaLoraConfig(**cfg), exact_peft=not fast)
+            self.model = ac.get_adalora_model(model, ac.AdaLoraConfig(**cfg), exact_peft=exact)
             self.params = self.model.trainable_parameters()
             self.update = self.model.update_and_allocate
         self.opt = torch.optim.AdamW(self.params, lr=1e-3)
@@ -117,7 +117,7 @@ def main() -> None:
     cfg = {"target_modules": targets, "init_r": args.init_r, "target_r": args.init_r // 2, "tinit": 0, "tfinal": 0,
                "deltaT": 1, "total_step": total, "lora_alpha": 16}
     runners = {"peft": Runner("peft", base, cfg), "ours": Runner("ours", base, cfg),
-               "ours (default)": Runner("ours", base, cfg, fast=True)}
+               "ours (default)": Runner("ours", base, cfg, exact=False)}
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 1024, (args.batch, args.seq), generator=g) for _ in range(4)]
 
