@@ -99,14 +99,11 @@ except ImportError as _exc:  # not built (no compiler at install time), or an ol
 else:
     _IMPORT_ERROR = None
 
-_state: dict[str, Any] = {"configured": False, "disabled": False, "error": None, "requested": None}
+_state: dict[str, Any] = {"disabled": False, "error": None, "requested": None}
 
 
 def _configure() -> None:
-    """Apply ``ADALORA_NATIVE`` once (first use)."""
-    if _state["configured"]:
-        return
-    _state["configured"] = True
+    """Apply ``ADALORA_NATIVE`` (once, at import)."""
     raw = os.environ.get("ADALORA_NATIVE")
     req = (raw or "").strip().lower()
     _state["requested"] = raw
@@ -145,7 +142,6 @@ def select_isa(name: str | None = None) -> str:
     this machine lacks, RuntimeError when the extension is not built."""
     if _lib is None:
         raise _not_built()
-    _configure()
     rc = _lib.adl_select_isa(b"auto" if name in (None, "auto") else str(name).encode())
     if rc == -2:
         raise ValueError(f"unknown kernel path {name!r}; known: {', '.join(ISAS)}")
@@ -166,7 +162,6 @@ def is_available() -> bool:
     (or has a value that is not understood): asking for a path explicitly and
     silently getting another would hide the problem.
     """
-    _configure()
     if _state["disabled"] or _lib is None:
         return False
     if _state["error"]:
@@ -182,7 +177,6 @@ def info() -> dict[str, Any]:
     (``$ADALORA_NATIVE``), ``build`` (compiler and flags), ``module`` (file),
     ``machine``, ``reason`` (why it is not built or not available, else None).
     """
-    _configure()
     built = _lib is not None
     reason = None
     if not built:
