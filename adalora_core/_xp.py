@@ -61,9 +61,11 @@ def on_host(x: Array) -> bool:
     False for GPU arrays (a read waits for the device) and for JAX (arrays may
     be traced under ``jit``), where code must defer its reads.
     """
-    if isinstance(x, _np.ndarray) or array_api_compat.is_array_api_strict_namespace(array_namespace(x)):
+    if isinstance(x, _np.ndarray):
         return True
-    return array_api_compat.is_torch_array(x) and x.device.type == "cpu"
+    if array_api_compat.is_torch_array(x):  # before the namespace lookup: this runs every torch step
+        return bool(x.device.type == "cpu")
+    return array_api_compat.is_array_api_strict_namespace(array_namespace(x))
 
 
 def to_numpy(x: Array) -> Any:
