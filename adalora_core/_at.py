@@ -14,7 +14,7 @@ from typing import Any
 
 from ._xp import Array, device, library_name, namespace
 
-__all__ = ["at", "is_mutable", "owned_copy"]
+__all__ = ["at", "is_mutable", "kept", "owned_copy"]
 
 # Libraries whose arrays the core may update in place.
 _MUTABLE = frozenset({"numpy", "torch", "cupy"})
@@ -74,3 +74,9 @@ def owned_copy(src: Array) -> Array:
     updated in place (so the copy of a transposed view is rank-major memory)."""
     xp = namespace(src)
     return at(xp.zeros(src.shape, dtype=src.dtype, device=device(src))).set(src)
+
+
+def kept(x: Array) -> Array:
+    """``x`` as it is now, to put back later: a copy where updates happen in place, else ``x``
+    itself (an update of an immutable array makes a new one and leaves ``x`` as it was)."""
+    return owned_copy(x) if _in_place(x) else x

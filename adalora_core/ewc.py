@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._at import at, owned_copy
+from ._at import at, kept, owned_copy
 from ._xp import Array, namespace
 from .config import EwcConfig, check_float, check_int
 
@@ -237,7 +237,7 @@ class EwcState:
 
     def snapshot(self) -> tuple[Any, ...]:
         """What :meth:`step` changes (the Fisher and the window), copied: for :meth:`restore`."""
-        return (*(owned_copy(a) for a in (self._fa, self._fb, self._sa, self._sb)), self.window_steps)
+        return (*(kept(a) for a in (self._fa, self._fb, self._sa, self._sb)), self.window_steps)
 
     def restore(self, snapshot: tuple[Any, ...]) -> None:
         """Put back a :meth:`snapshot` (a step whose result is not kept)."""

@@ -52,7 +52,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from ._at import at, is_mutable, owned_copy
+from ._at import at, is_mutable, kept
 from ._xp import Array, device, host_np, namespace
 from .config import MICROLORA_INITS as LORA_INITS
 from .config import check_float, check_int
@@ -579,7 +579,7 @@ class LoraAdapter:
         back and the update is skipped and counted: nothing non-finite is written.
         """
         weights = ("_A", "_B") + (("_bias",) if self._bias is not None else ())
-        saved = {k: owned_copy(getattr(self, k)) for k in weights}
+        saved = {k: kept(getattr(self, k)) for k in weights}
         snapshot = ewc.snapshot() if ewc is not None else None
         n = self.pending_updates
         run()
