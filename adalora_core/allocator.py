@@ -40,6 +40,12 @@ from .validate import Problems
 
 PARTS = ("A", "E", "B")
 KINDS = ("ema_ipt", "ema_unc")
+MASK = "mask."  # the prefix of the masks' keys in a state_dict
+
+
+def ema_key(kind: str, module: str, part: str) -> str:
+    """The key of one EMA array in :meth:`RankAllocator.state_dict`: ``ema_ipt.<module>.A``, ..."""
+    return f"{kind}.{module}.{part}"
 # the config fields the allocator's arithmetic reads: a state computed under others cannot resume here
 SCHEDULE_FIELDS = ("total_step", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2")
 _SHAPE, _DTYPE, _DEVICE = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
@@ -800,11 +806,11 @@ class RankAllocator:
         for kind, store in zip(KINDS, (self.ema_ipt, self.ema_unc)):
             for name, trip in (store or {}).items():
                 for part, t in zip(PARTS, trip):
-                    arrays[f"{kind}.{name}.{part}"] = t
+                    arrays[ema_key(kind, name, part)] = t
         for name, m in self.masks.items():
-            arrays[f"mask.{name}"] = m
+            arrays[MASK + name] = m
         if not self._host_measured():  # EMAs of zeros: no update was applied yet, so there is nothing to keep
-            arrays = {k: v for k, v in arrays.items() if k.startswith("mask.")}
+            arrays = {k: v for k, v in arrays.items() if k.startswith(MASK)}
         meta = {
             "ranks": dict(self.ranks),
             "shapes": {n: list(s) for n, s in self.shapes.items()} or None,
@@ -856,7 +862,7 @@ class RankAllocator:
         def store(kind: str) -> dict[str, Triplet] | None:
             if finalized:
                 return None
-            return {n: Triplet(*(emas[f"{kind}.{n}.{x}"] for x in PARTS)) for n in self.names} if emas else {}
+            return {n: Triplet(*(emas[ema_key(kind, n, x)] for x in PARTS)) for n in self.names} if emas else {}
 
         return AllocatorState(ema_ipt=store("ema_ipt"), ema_unc=store("ema_unc"), masks=masks, shapes=shapes, **fields)
 
@@ -894,14 +900,14 @@ class RankAllocator:
         if shapes and saved and saved != shapes:
             p.add(f"it is for weights of (in, out) {saved}, not {shapes}")
         emas: dict[str, Array] = {}
-        if any(str(k).startswith(tuple(f"{kind}." for kind in KINDS)) for k in arrays):
+        if any(str(k).startswith(KINDS) for k in arrays):
             dims: Mapping[str, tuple[int, int] | None] = shapes or saved or {n: _ema_dims(arrays, n) for n in self.names}
             ref = known or self.ema_ipt or None  # arrays of the weights' dtypes, if any
             emas = self._check_emas(p, arrays, dims, ref)
             saved = saved or {n: d for n, d in dims.items() if d is not None}
         masks = self._check_masks(p, arrays)
-        expected = {f"{kind}.{n}.{x}" for kind in KINDS for n in self.names for x in PARTS}
-        expected |= {f"mask.{n}" for n in self.names}
+        expected = {ema_key(kind, n, x) for kind in KINDS for n in self.names for x in PARTS}
+        expected |= {MASK + n for n in self.names}
         unknown = sorted(str(k) for k in arrays if k not in expected)
         p.require(not unknown, f"unexpected arrays {unknown[:8]}")
         _check_one_library(p, arrays.values())
@@ -933,7 +939,7 @@ class RankAllocator:
             rl = self.parts[n].local_rank if self.parts and n in self.parts else r  # rows held here
             for j, (x, shape) in enumerate(zip(PARTS, ((rl, d[0]) if d else None, (rl, 1), (d[1], r) if d else None))):
                 for kind in KINDS:
-                    key = f"{kind}.{n}.{x}"
+                    key = ema_key(kind, n, x)
                     if key not in arrays:
                         missing.append(key)
                         continue
@@ -946,7 +952,7 @@ class RankAllocator:
 
     def _check_masks(self, p: Problems, arrays: Mapping[Any, Any]) -> dict[str, Array]:
         """A bool mask of shape ``(r,)`` for every module, or none at all."""
-        keys = {f"mask.{n}": n for n in self.names}
+        keys = {MASK + n: n for n in self.names}
         if not any(k in keys for k in arrays):
             return {}
         missing = sorted(k for k in keys if k not in arrays)

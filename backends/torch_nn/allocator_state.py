@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from adalora_core.allocator import KINDS, SCHEDULE_FIELDS, RankAllocator
+from adalora_core.allocator import KINDS, MASK, PARTS, SCHEDULE_FIELDS, RankAllocator, ema_key
 from adalora_core.triplet import Triplet
 from adalora_core.validate import Problems
 
@@ -34,12 +34,11 @@ from .distributed import like, local
 
 KEY = "allocator."
 STEP_FIELDS = ("last_step", "budget", "finalized", "skipped_steps", "has_emas", "has_masks")
-PARTS = ("A", "E", "B")
 
 
 def _keys(names: list[str]) -> list[str]:
-    ema = [f"{k}.{n}.{x}" for k in KINDS for n in names for x in PARTS]
-    return [*ema, *(f"mask.{n}" for n in names), "step", "missing_grads", "schedule"]
+    ema = [ema_key(k, n, x) for k in KINDS for n in names for x in PARTS]
+    return [*ema, *(MASK + n for n in names), "step", "missing_grads", "schedule"]
 
 
 def save(alloc: RankAllocator, weights: Mapping[str, Triplet], destination: MutableMapping[str, Any],
@@ -50,18 +49,18 @@ def save(alloc: RankAllocator, weights: Mapping[str, Triplet], destination: Muta
     for kind in KINDS:
         for name, trip in weights.items():
             for x, w in zip(PARTS, trip):
-                t = arrays.get(f"{kind}.{name}.{x}")
+                t = arrays.get(ema_key(kind, name, x))
                 loc = local(w)
                 assert loc is not None
                 destination[f"{prefix}{KEY}{kind}.{name}.{x}"] = like(
                     t.detach().clone() if t is not None else torch.zeros_like(loc), w)
     for name, r in alloc.ranks.items():
-        m = arrays.get(f"mask.{name}")
+        m = arrays.get(MASK + name)
         destination[f"{prefix}{KEY}mask.{name}"] = (m.clone() if m is not None else
                                                     torch.ones(r, dtype=torch.bool, device=dev))
     has_emas = any(k.startswith("ema_ipt.") for k in arrays)
     step = [-1 if meta["last_step"] is None else meta["last_step"], meta["budget"], int(meta["finalized"]),
-            meta["skipped_steps"], int(has_emas), int(any(k.startswith("mask.") for k in arrays))]
+            meta["skipped_steps"], int(has_emas), int(any(k.startswith(MASK) for k in arrays))]
     destination[f"{prefix}{KEY}step"] = torch.tensor(step, dtype=torch.int64)
     destination[f"{prefix}{KEY}missing_grads"] = torch.tensor(
         [meta["missing_grads"].get(n, 0) for n in alloc.names], dtype=torch.int64)
@@ -107,7 +106,7 @@ def load(alloc: RankAllocator, weights: Mapping[str, Triplet], state_dict: Mutab
     dev = next(iter(weights.values())).A.device
     arrays = {}
     for key, t in entries.items():
-        real = (key.startswith("ema_") and fields["has_emas"]) or (key.startswith("mask.") and fields["has_masks"])
+        real = (key.startswith(KINDS) and fields["has_emas"]) or (key.startswith(MASK) and fields["has_masks"])
         if real:
             arrays[key] = local(t).to(dev) if isinstance(t, torch.Tensor) else t  # type: ignore[union-attr]
     params = {n: Triplet(*(local(w) for w in trip)) for n, trip in weights.items()}

@@ -32,7 +32,7 @@ import torch
 from adalora_core.backends import get_backend
 from torch import nn
 
-from adalora_core.allocator import KINDS, RankAllocator
+from adalora_core.allocator import KINDS, MASK, RankAllocator, ema_key
 from adalora_core.checkpoint import (
     read_adapter,
     read_adapter_config,
@@ -685,8 +685,8 @@ class AdaLoraModel(PeftCompatMixin, nn.Module):
                 t = getattr(layer, attr)[name]
                 spec = (tuple(t.shape), dtype_name(t))
                 weights[f"weights.{path}.{attr}"] = spec
-                emas.update({f"allocator.{kind}.{path}.{part}": spec for kind in KINDS})
-        masks = {f"allocator.mask.{path}": ((r,), "bool") for path, r in self.allocator.ranks.items()}
+                emas.update({f"allocator.{ema_key(kind, path, part)}": spec for kind in KINDS})
+        masks = {f"allocator.{MASK}{path}": ((r,), "bool") for path, r in self.allocator.ranks.items()}
         return Declared(weights, (emas, masks))
 
     def load_training_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
